@@ -1,0 +1,1 @@
+"""What the producer and the workers share. Nothing here imports Celery task code."""

@@ -1,0 +1,123 @@
+"""The run report: the ledger's counts per entity and partition, recounted targets, and a verdict.
+
+Built from the ledger, never from task results, so a chunk delivered twice counts once. The same
+function serves the coordinator task and `shuttle report`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.ledger import TERMINAL_CHUNK_STATES, Ledger, RunRecord
+from common.migrations.base import Migration, Selection
+from common.urls import mask
+
+CLEAN = "clean"
+FAILED = "failed"
+CANCELLED = "cancelled"
+RUNNING = "running"
+REJECT_SAMPLE = 20
+
+
+def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[str, Any]:
+    """Aggregate the ledger and recount the target; decide the verdict."""
+    progress = ledger.progress(run.run_id)
+    groups = ledger.partition_totals(run.run_id)
+    planned: dict[str, dict[str, int]] = run.options.get("planned", {})
+    partitions = sorted({p for rows in planned.values() for p in rows} | {g["partition"] for g in groups})
+    target_rows = migration.target_counts(partitions)
+    rejected_by_partition: dict[str, int] = {}
+    for g in groups:
+        rejected_by_partition[g["partition"]] = rejected_by_partition.get(g["partition"], 0) + g["rows_rejected"]
+    finished = progress.finished
+    checks = migration.verify(Selection.from_dict(run.selection), partitions, rejected_by_partition) \
+        if finished else []
+
+    rows = []
+    by_key = {(g["entity"], g["partition"]): g for g in groups}
+    target_entities = sorted({entity for entity, _ in target_rows})
+    totals = {"source_rows": 0, "rows_read": 0, "rows_rejected": 0}
+    per_target: dict[str, dict[str, int]] = {}
+    for source_entity, counts in sorted(planned.items()):
+        for partition in partitions:
+            g = by_key.get((source_entity, partition), {})
+            source_rows = counts.get(partition, 0)
+            totals["source_rows"] += source_rows
+            totals["rows_read"] += g.get("rows_read", 0)
+            totals["rows_rejected"] += g.get("rows_rejected", 0)
+            for target in target_entities:
+                writes = g.get("writes", {}).get(target, {"inserted": 0, "updated": 0, "unchanged": 0})
+                acc = per_target.setdefault(target, {"inserted": 0, "updated": 0, "unchanged": 0, "target_rows": 0})
+                for k in ("inserted", "updated", "unchanged"):
+                    acc[k] += writes[k]
+                acc["target_rows"] += target_rows.get((target, partition), 0)
+                rows.append({
+                    "entity": target, "source_entity": source_entity, "partition": partition,
+                    "source_rows": source_rows, "rows_read": g.get("rows_read", 0),
+                    "rows_written": writes["inserted"] + writes["updated"], "rows_inserted": writes["inserted"],
+                    "rows_updated": writes["updated"], "rows_unchanged": writes["unchanged"],
+                    "rows_rejected": g.get("rows_rejected", 0),
+                    "target_rows": target_rows.get((target, partition), 0),
+                })
+    written = sum(t["inserted"] + t["updated"] for t in per_target.values())
+    verdict, reason = _verdict(run, progress.chunks, finished, totals, checks, written)
+    timing = ledger.run_timing(run.run_id)
+    wall = timing.get("wall_seconds") or 0
+    timing["rows_per_second"] = round(totals["rows_read"] / wall) if wall else None
+    timing["redeliveries"] = max(0, timing["attempts"] - progress.chunks.get("done", 0) - progress.chunks.get("failed", 0))
+    return {
+        "run_id": run.run_id,
+        "migration": run.migration,
+        "status": run.status,
+        "verdict": verdict,
+        "verdict_reason": reason,
+        "source": mask(run.source_url or ""),
+        "target": mask(run.target_url or ""),
+        "selection": run.selection,
+        "chunks": {"total": progress.chunk_count, **progress.chunks},
+        "totals": {**totals, "rows_written": written,
+                   "rows_unchanged": sum(t["unchanged"] for t in per_target.values()),
+                   "targets": per_target},
+        "partitions": rows,
+        "checks": [c.as_dict() for c in checks],
+        "rejects": {"total": totals["rows_rejected"], "sample": ledger.rejects_of(run.run_id, REJECT_SAMPLE)},
+        "timing": timing,
+        "storage": migration.storage_sizes() if finished else {},
+        "actions": [],
+        "max_rejects": run.max_rejects,
+    }
+
+
+def _verdict(run: RunRecord, chunks: dict[str, int], finished: bool, totals: dict[str, int],
+             checks: list, written: int) -> tuple[str, str]:
+    if not finished:
+        open_chunks = sum(n for s, n in chunks.items() if s not in TERMINAL_CHUNK_STATES)
+        return RUNNING, f"{open_chunks} chunks still queued or running"
+    if chunks.get("cancelled"):
+        return CANCELLED, f"cancelled with {chunks['cancelled']} chunks not run; `shuttle resume {run.run_id}` finishes it"
+    if chunks.get("failed"):
+        return FAILED, f"{chunks['failed']} chunks failed; see `shuttle status {run.run_id}`, then `shuttle resume`"
+    rejected = totals["rows_rejected"]
+    if run.max_rejects is not None and rejected > run.max_rejects:
+        return FAILED, f"{rejected} rows rejected, more than --max-rejects {run.max_rejects}"
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        return FAILED, f"source and target disagree in {len(bad)} partitions (first: {bad[0].partition}: {bad[0].detail})"
+    migrated = totals["rows_read"] - rejected
+    text = f"all {totals['source_rows']:,} source rows accounted for: {migrated:,} migrated"
+    text += f", {rejected:,} rejected (see rejects)" if rejected else ", none rejected"
+    text += f"; {written:,} target rows written" if written else "; target already up to date, nothing changed"
+    return CLEAN, text
+
+
+def close_run(ledger: Ledger, run: RunRecord, migration: Migration, report: dict[str, Any]) -> dict[str, Any]:
+    """Follow-up actions of a clean run, the run's final status, and the stored report."""
+    if report["verdict"] == CLEAN:
+        partitions = sorted({row["partition"] for row in report["partitions"]})
+        report["actions"] = migration.after_run(partitions)
+    if report["verdict"] != RUNNING:
+        status = {CLEAN: "completed", CANCELLED: "cancelled"}.get(report["verdict"], "failed")
+        ledger.set_run_status(run.run_id, status)
+        report["status"] = status
+    ledger.save_report(run.run_id, report["verdict"], report)
+    return report

@@ -1,0 +1,102 @@
+"""Typed settings, built once per entry point (CLI command, worker process) and passed down.
+
+Precedence, lowest to highest: defaults, environment (`SHUTTLE_*`), the config file (TOML or JSON),
+command-line flags. Unknown keys and wrong types are configuration errors that name the key.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.errors import ConfigError
+from common.urls import mask
+
+
+class MigrationSettings(BaseModel):
+    """Per-migration overrides, from a `[migrations.NAME]` section of the config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_url: str | None = None
+    target_url: str | None = None
+
+
+class Settings(BaseSettings):
+    """Everything Shuttle can be told; each field is also `SHUTTLE_<FIELD>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SHUTTLE_", extra="forbid", validate_default=True)
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = Field(
+        default=None, description="Celery result backend; defaults to the broker when it is Redis.")
+    ledger_url: str = "postgresql://postgres@127.0.0.1:5432/shuttle"
+    source_url: str | None = None
+    target_url: str | None = None
+    flower_url: str = "http://127.0.0.1:5555"
+    queue: str = "shuttle"
+    chunk_rows: int = Field(default=50_000, gt=0)
+    max_rejects: int | None = Field(default=None, ge=0)
+    visibility_timeout: int = Field(default=6 * 3600, gt=0, description="Seconds; above the longest chunk.")
+    task_max_retries: int = Field(default=5, ge=0)
+    retry_backoff_max: int = Field(default=60, gt=0)
+    migrations: dict[str, MigrationSettings] = Field(default_factory=dict)
+
+    def urls_for(self, migration: str) -> tuple[str | None, str | None]:
+        """Source and target URL for a migration: its own section first, then the global ones."""
+        own = self.migrations.get(migration, MigrationSettings())
+        return own.source_url or self.source_url, own.target_url or self.target_url
+
+    def known_urls(self) -> list[str]:
+        """Every URL this process was configured with; workers take passwords from these."""
+        urls = [self.ledger_url, self.source_url, self.target_url]
+        for own in self.migrations.values():
+            urls += [own.source_url, own.target_url]
+        return [u for u in urls if u]
+
+    @property
+    def effective_result_backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return "redis://127.0.0.1:6379/1"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML or JSON config file into plain data (validation happens in `load_settings`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror}); check the path") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a table of settings")
+    return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings once: environment, then the config file, then non-None flag overrides."""
+    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        where = f"config file {config_file}" if config_file else "settings"
+        problems = "; ".join(_describe(err) for err in exc.errors())
+        raise ConfigError(mask(f"{where}: {problems}")) from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}' (see the configuration table in the README)"
+    return f"'{key}': {err['msg']}"

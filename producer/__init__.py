@@ -1,0 +1,1 @@
+"""The `shuttle` CLI: planning, enqueueing by task name, progress, reports. Never imports `worker`."""

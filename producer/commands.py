@@ -1,0 +1,197 @@
+"""One public function per CLI command, each taking the settings first (no global state).
+
+They do the work and return data; `producer.cli` parses flags and prints.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Iterator
+
+from common.errors import ConfigError
+from common.ledger import Ledger, RunRecord
+from common.migrations import Migration, migration_class
+from common.migrations.base import Check, Selection
+from common.report import RUNNING, build_report, close_run
+from common.settings import Settings
+from common.urls import with_password
+from producer.broker import Broker
+from producer.planner import Plan, make_plan, record_run
+
+
+@contextmanager
+def open_ledger(settings: Settings) -> Iterator[Ledger]:
+    ledger = Ledger(settings.ledger_url)
+    try:
+        ledger.ensure_schema()
+        yield ledger
+    finally:
+        ledger.dispose()
+
+
+@contextmanager
+def open_migration(settings: Settings, name: str, options: dict[str, Any] | None = None,
+                   source_url: str | None = None, target_url: str | None = None) -> Iterator[Migration]:
+    """The migration with the URLs from flags, config file or environment, in that order."""
+    cls = migration_class(name)
+    default_source, default_target = settings.urls_for(name)
+    source, target = source_url or default_source, target_url or default_target
+    for role, url in (("source", source), ("target", target)):
+        if not url:
+            raise ConfigError(f"no {role} URL for migration '{name}': pass --{role}-url, set "
+                              f"SHUTTLE_{role.upper()}_URL, or add {role}_url to [migrations.{name}] in the config file")
+    migration = cls(source, target, options if options is not None else cls.plan_options())
+    try:
+        yield migration
+    finally:
+        migration.close()
+
+
+@contextmanager
+def migration_of_run(settings: Settings, run: RunRecord) -> Iterator[Migration]:
+    """The run's migration, pointed where the run recorded, with passwords from this process's settings."""
+    known = settings.known_urls()
+    migration = migration_class(run.migration)(
+        with_password(run.source_url or "", known), with_password(run.target_url or "", known), run.options)
+    try:
+        yield migration
+    finally:
+        migration.close()
+
+
+def require_run(ledger: Ledger, run_id: str) -> RunRecord:
+    run = ledger.get_run(run_id)
+    if run is None:
+        recent = ", ".join(r.run_id for r in ledger.latest_runs(5)) or "none yet"
+        raise ConfigError(f"run '{run_id}' is not in the ledger; recent runs: {recent} (see `shuttle status`)")
+    return run
+
+
+def plan(settings: Settings, name: str, selection: Selection, chunk_rows: int, **flags: Any) -> Plan:
+    """The dry run: counts and chunks; writes nothing to the target or the ledger."""
+    options = migration_class(name).plan_options(**flags)
+    with open_migration(settings, name, options, flags.get("source_url"), flags.get("target_url")) as migration:
+        migration.check_services()
+        return make_plan(migration, selection, chunk_rows)
+
+
+def start_run(settings: Settings, name: str, selection: Selection, chunk_rows: int, max_rejects: int | None,
+              **flags: Any) -> RunRecord:
+    """Plan, record the plan in the ledger, prepare the target, enqueue one task per chunk."""
+    options = migration_class(name).plan_options(**flags)
+    with open_ledger(settings) as ledger, \
+            open_migration(settings, name, options, flags.get("source_url"), flags.get("target_url")) as migration:
+        broker = Broker(settings)
+        broker.check_reachable()
+        migration.check_services()
+        the_plan = make_plan(migration, selection, chunk_rows)
+        migration.prepare_target()
+        run = record_run(ledger, the_plan, migration.source_url, migration.target_url, max_rejects)
+        queued = ledger.chunks_of(run.run_id)
+        broker.enqueue_chunks(run.run_id, queued)
+        if not queued:
+            finalize_here(settings, ledger, run.run_id)
+        return run
+
+
+def finalize_here(settings: Settings, ledger: Ledger, run_id: str) -> dict[str, Any]:
+    """Run the coordinator in this process (a run with nothing left for workers to do)."""
+    run = require_run(ledger, run_id)
+    with migration_of_run(settings, run) as migration:
+        return close_run(ledger, run, migration, build_report(ledger, run, migration))
+
+
+def report(settings: Settings, run_id: str, refresh: bool = False) -> dict[str, Any]:
+    """The stored report of a finished run, or one built now from the ledger and the target."""
+    with open_ledger(settings) as ledger:
+        run = require_run(ledger, run_id)
+        stored = ledger.get_report(run_id)
+        if stored is not None and not refresh:
+            return stored
+        with migration_of_run(settings, run) as migration:
+            built = build_report(ledger, run, migration)
+            if built["verdict"] == RUNNING:
+                return built
+            return close_run(ledger, run, migration, built)
+
+
+def cancel(settings: Settings, run_id: str) -> int:
+    """Skip every queued chunk; running chunks finish their transaction. Returns chunks skipped."""
+    with open_ledger(settings) as ledger:
+        require_run(ledger, run_id)
+        skipped = ledger.cancel(run_id)
+        if ledger.claim_finalize(run_id):
+            finalize_here(settings, ledger, run_id)
+        return skipped
+
+
+def resume(settings: Settings, run_id: str) -> int:
+    """Enqueue again every chunk that is not done (stale `running` ones included). Returns the count."""
+    with open_ledger(settings) as ledger:
+        require_run(ledger, run_id)
+        broker = Broker(settings)
+        broker.check_reachable()
+        queued = ledger.reopen(run_id)
+        broker.enqueue_chunks(run_id, queued)
+        if not queued and ledger.claim_finalize(run_id):
+            finalize_here(settings, ledger, run_id)
+        return len(queued)
+
+
+def verify(settings: Settings, run_id: str) -> list[Check]:
+    """Recount source and target per partition and record the result (purge relies on it)."""
+    with open_ledger(settings) as ledger:
+        run = require_run(ledger, run_id)
+        progress = ledger.progress(run_id)
+        if not progress.finished:
+            raise ConfigError(f"run {run_id} is still running; verify it once `shuttle status {run_id}` shows it ended")
+        rejected: dict[str, int] = defaultdict(int)
+        for group in ledger.partition_totals(run_id):
+            rejected[group["partition"]] += group["rows_rejected"]
+        partitions = sorted({p for rows in run.options.get("planned", {}).values() for p in rows})
+        with migration_of_run(settings, run) as migration:
+            checks = migration.verify(Selection.from_dict(run.selection), partitions, dict(rejected))
+        incomplete = {g["partition"] for g in ledger.partition_totals(run_id) if set(g["chunks"]) - {"done"}}
+        checks = [c if c.partition not in incomplete else
+                  Check(c.entity, c.partition, False, c.source_rows, c.target_rows, c.rejected_rows,
+                        "some chunks of this partition did not finish") for c in checks]
+        ledger.save_verification(run_id, [
+            {"entity": c.entity, "partition": c.partition, "source_rows": c.source_rows,
+             "target_rows": c.target_rows, "rejected_rows": c.rejected_rows, "ok": c.ok, "detail": c.detail}
+            for c in checks])
+        return checks
+
+
+def purge(settings: Settings, name: str, partitions: Sequence[str] | None, before: datetime | None,
+          dry_run: bool, confirm: Callable[[str], bool]) -> dict[str, int | str]:
+    """Delete migrated source rows of verified partitions only; rejected rows are kept."""
+    with open_ledger(settings) as ledger:
+        verified = ledger.verified_partitions(name)
+        wanted = list(partitions) if partitions is not None else sorted(verified)
+        unverified = sorted(set(wanted) - set(verified))
+        if unverified:
+            raise ConfigError(f"refusing to purge {len(unverified)} partitions that no completed run has verified: "
+                              f"{', '.join(unverified)}; run `shuttle run {name}` and `shuttle verify RUN` first")
+        if not wanted:
+            raise ConfigError(f"nothing to purge: no partition of '{name}' has been verified yet")
+        by_run: dict[str, list[str]] = defaultdict(list)
+        for partition in wanted:
+            by_run[verified[partition]].append(partition)
+        what = f"archived rows {'before ' + before.isoformat() if before else 'of every date'} " \
+               f"for {len(wanted)} verified partitions"
+        if not dry_run and not confirm(f"Delete {what}? This cannot be undone"):
+            raise ConfigError("purge not confirmed; nothing was deleted (pass --yes to skip the question)")
+        result: dict[str, int | str] = {}
+        for run_id, run_partitions in sorted(by_run.items()):
+            run = require_run(ledger, run_id)
+            keep = ledger.rejected_keys([run_id], run_partitions)
+            with migration_of_run(settings, run) as migration:
+                if not hasattr(migration, "purge"):
+                    raise ConfigError(f"migration '{name}' has no purge; its source is left as it is")
+                result.update(migration.purge(run_partitions, before, keep, dry_run))
+        return result
+
+

@@ -1,0 +1,55 @@
+"""`shuttle demo`: a realistic modmon source, local workers, a full run, and its report."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from rich.console import Console
+
+from common.migrations.base import Selection
+from common.migrations.modmon_fixtures import build_source
+from common.settings import Settings
+from common.urls import mask
+from producer import commands, display
+from producer.local_workers import LocalWorkers, start_flower
+from producer.progress import follow
+
+DEFAULT_DEMO_URL = "postgresql://postgres@127.0.0.1:5432/shuttle_demo"
+
+
+def run_demo(settings: Settings, console: Console, *, rows: int, deployments: int, workers: int, chunk_rows: int,
+             source_url: str | None, flower_url: str | None, skip_data: bool) -> str:
+    """Returns the verdict."""
+    url = source_url or settings.source_url or DEFAULT_DEMO_URL
+    settings = settings.model_copy(update={"source_url": url, "target_url": settings.target_url or url})
+    if not skip_data:
+        console.print(f"building the demo source in {mask(url)}: {deployments} deployments, {rows:,} predictions …")
+        started = time.monotonic()
+        data = build_source(url, rows=rows, deployments=deployments)
+        console.print(f"  {data.total_rows:,} archived predictions ({len(data.malformed_ids)} malformed on purpose) "
+                      f"in {time.monotonic() - started:.1f}s")
+    flower = start_flower(settings) if workers else None
+    pool = LocalWorkers(settings, workers, name="demo")
+    try:
+        if workers:
+            console.print(f"starting {workers} local worker processes …")
+            pool.__enter__()
+        run = commands.start_run(settings, "modmon", Selection(), chunk_rows, settings.max_rejects,
+                                 reenable_drift_tracking=True)
+        console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} rows in {run.chunk_count} chunks; "
+                      f"Flower: {flower_url or settings.flower_url}")
+        with commands.open_ledger(settings) as ledger:
+            report: dict[str, Any] = follow(console, ledger, run.run_id,
+                                            lambda rid: commands.finalize_here(settings, ledger, rid))
+        display.show_report(console, report)
+        console.print(f"\nnext: `shuttle report {run.run_id} --json`, `shuttle verify {run.run_id}`, "
+                      f"then `shuttle purge modmon --before 2026-07-01 --dry-run`")
+        return report["verdict"]
+    finally:
+        if workers:
+            pool.stop()
+        if flower is not None:
+            os.killpg(flower.pid, signal.SIGTERM)

@@ -1,0 +1,29 @@
+"""The Celery app of the workers, configured once from the environment (SHUTTLE_*).
+
+Importing this module connects to nothing: the ledger and database connections are opened lazily
+inside each worker process, after Celery has forked it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from celery.signals import worker_process_shutdown
+
+from common.celery_config import celery_config
+from common.settings import load_settings
+from worker.context import WorkerContext
+
+settings = load_settings()
+app = Celery("shuttle")
+app.conf.update(celery_config(settings))
+app.conf.include = ["worker.tasks"]
+context = WorkerContext(settings)
+
+logging.getLogger("shuttle").setLevel(logging.INFO)
+
+
+@worker_process_shutdown.connect
+def _close_connections(**_: object) -> None:
+    context.close()

@@ -1,0 +1,62 @@
+"""Per-process state of a worker: the ledger and one open migration per recent run."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import OrderedDict
+
+from common.ledger import Ledger, RunRecord
+from common.migrations import Migration, migration_class
+from common.settings import Settings
+from common.urls import with_password
+
+KEEP_RUNS_OPEN = 4
+
+
+class WorkerContext:
+    """Built once per worker from its settings; everything inside is opened on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ledger: Ledger | None = None
+        self._pid: int | None = None
+        self._migrations: OrderedDict[str, Migration] = OrderedDict()
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None or self._pid != os.getpid():
+            # A forked child must not share its parent's pooled connections.
+            self._ledger, self._pid = Ledger(self.settings.ledger_url), os.getpid()
+            self._migrations.clear()
+        return self._ledger
+
+    @property
+    def name(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+    def migration_for(self, run: RunRecord) -> Migration:
+        """The run's migration with connections kept open across its chunks."""
+        if run.run_id in self._migrations:
+            self._migrations.move_to_end(run.run_id)
+            return self._migrations[run.run_id]
+        known = self.settings.known_urls()
+        migration = migration_class(run.migration)(
+            with_password(run.source_url or "", known), with_password(run.target_url or "", known), run.options)
+        self._migrations[run.run_id] = migration
+        while len(self._migrations) > KEEP_RUNS_OPEN:
+            _, oldest = self._migrations.popitem(last=False)
+            oldest.close()
+        return migration
+
+    def forget(self, run_id: str) -> None:
+        migration = self._migrations.pop(run_id, None)
+        if migration is not None:
+            migration.close()
+
+    def close(self) -> None:
+        for migration in self._migrations.values():
+            migration.close()
+        self._migrations.clear()
+        if self._ledger is not None:
+            self._ledger.dispose()

@@ -1,0 +1,62 @@
+"""The Celery tasks: thin wrappers that decode ids, call plain code and return tiny outcomes.
+
+Arguments are ids only (run id, chunk id), never rows or credentials; Flower shows them as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from celery import Task
+
+from common.celery_config import COPY_CHUNK, FINALIZE_RUN
+from common.errors import TransientError
+from worker.app import app, context, settings
+from worker.coordinator import finalize
+from worker.runner import fail_chunk, run_chunk
+
+log = logging.getLogger("shuttle.worker")
+
+
+def _backoff(retries: int) -> float:
+    """Exponential backoff with jitter, capped: 1s, 2s, 4s … up to retry_backoff_max."""
+    return min(settings.retry_backoff_max, 2 ** retries) * random.uniform(0.75, 1.25)
+
+
+@app.task(name=COPY_CHUNK, bind=True, max_retries=settings.task_max_retries)
+def copy_chunk(self: Task, run_id: str, chunk_id: str) -> dict[str, Any]:
+    """Copy one chunk; retried with backoff on transient errors only, never on bad data."""
+
+    def progress(rows: int, est_rows: int) -> None:
+        self.send_event("task-progress", run_id=run_id, rows=rows, est_rows=est_rows)
+
+    try:
+        result = run_chunk(context, chunk_id, progress)
+    except TransientError as exc:
+        if self.request.retries >= self.max_retries:
+            message = f"gave up after {self.request.retries} retries: {exc}"
+            log.error("Worker %s: chunk %s %s", context.name, chunk_id, message)
+            if fail_chunk(context, chunk_id, message):
+                enqueue_finalize(run_id)
+            return {"failed": message}
+        log.warning("Worker %s: chunk %s transient error, retrying: %s", context.name, chunk_id, exc)
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None
+    if result.run_finished:
+        enqueue_finalize(run_id)
+    return result.summary
+
+
+@app.task(name=FINALIZE_RUN, bind=True, max_retries=settings.task_max_retries)
+def finalize_run(self: Task, run_id: str) -> dict[str, Any]:
+    """The coordinator: aggregate the ledger into the run's report and close the run."""
+    try:
+        report = finalize(context, run_id)
+    except TransientError as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None
+    return {"run_id": run_id, "verdict": report["verdict"]}
+
+
+def enqueue_finalize(run_id: str) -> None:
+    finalize_run.apply_async(args=[run_id], task_id=f"{run_id}:finalize", argsrepr=repr(run_id))
