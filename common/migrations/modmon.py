@@ -220,10 +220,12 @@ class Modmon(Migration):
         for (model, feature, hour), stats in sorted(features.items()):
             row = stats.as_row()
             feature_rows.append((deployment, model, feature, hour_start(hour), *row[:9], Jsonb(row[9]), row[10]))
-        outcome.writes = self.sink.upsert_together([
+        written = self.sink.upsert_together([
             (self.tables[PREDICTION_STATS.name], prediction_rows),
             (self.tables[FEATURE_DRIFT.name], feature_rows),
         ])
+        # Reported under the entity's own name, whatever schema the run writes into.
+        outcome.writes = {name: written[self.tables[name].name] for name in (PREDICTION_STATS.name, FEATURE_DRIFT.name)}
         return outcome
 
     def _aggregate(self, rows: Iterator[tuple], outcome: ChunkOutcome, progress: ProgressCallback):

@@ -1,0 +1,57 @@
+"""Shared fixtures: real PostgreSQL databases and a Redis database, made for this session and removed after.
+
+Every database name carries the process id, so two test sessions on one machine never meet.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+PG_BASE = os.environ.get("SHUTTLE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")
+REDIS_BASE = os.environ.get("SHUTTLE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def pg_url(database: str) -> str:
+    return f"{PG_BASE}/{database}"
+
+
+def _admin() -> psycopg.Connection:
+    return psycopg.connect(pg_url("postgres"), autocommit=True)
+
+
+def create_db(name: str) -> str:
+    with _admin() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return pg_url(name)
+
+
+def drop_db(name: str) -> None:
+    with _admin() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def fresh_db() -> Iterator[str]:
+    """An empty database for one test."""
+    name = f"shuttle_t_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    yield create_db(name)
+    drop_db(name)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database number of its own, flushed before and after."""
+    import redis
+
+    url = f"{REDIS_BASE}/11"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()

@@ -1,0 +1,59 @@
+"""The ledger on a real PostgreSQL: idempotent schema, exact counts under redelivery, one coordinator."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from common.ledger import Ledger, RunRecord
+from common.model import ChunkOutcome, ChunkSpec, Reject, WriteCounts
+
+
+@pytest.fixture
+def ledger(fresh_db):
+    ledger = Ledger(fresh_db)
+    ledger.ensure_schema()
+    ledger.ensure_schema()  # a second start must not fail or change anything
+    yield ledger
+    ledger.dispose()
+
+
+def _run(ledger: Ledger, chunks: int) -> list[str]:
+    specs = [ChunkSpec("predictions", "dep", f"{i:04d}", f"{i + 1:04d}", 10) for i in range(chunks)]
+    ledger.create_run(RunRecord("r1", "modmon", "running", {}, {}, None, None, 10 * chunks, chunks, None), specs)
+    return [s.chunk_id("r1") for s in specs]
+
+
+def _outcome(rejected: int) -> ChunkOutcome:
+    return ChunkOutcome(rows_read=10, rejects=[Reject("predictions", str(i), "bad") for i in range(rejected)],
+                        writes={"t": WriteCounts(inserted=10 - rejected)})
+
+
+def test_redelivered_chunk_is_counted_once(ledger):
+    (chunk_id,) = _run(ledger, 1)
+    for _ in range(2):
+        _, chunk = ledger.claim_chunk(chunk_id, "w1")
+        ledger.record_outcome(chunk, _outcome(rejected=3), 0.1)
+    totals = ledger.partition_totals("r1")
+    assert totals[0]["rows_read"] == 10 and totals[0]["rows_rejected"] == 3
+    assert len(ledger.rejects_of("r1")) == 3
+    assert ledger.chunks_of("r1")[0].attempts == 2
+
+
+def test_exactly_one_finisher_starts_the_coordinator(ledger):
+    ids = _run(ledger, 16)
+    claimed = [ledger.claim_chunk(i, "w")[1] for i in ids]
+    with ThreadPoolExecutor(8) as pool:
+        last = list(pool.map(lambda c: ledger.record_outcome(c, _outcome(0), 0.01), claimed))
+    assert last.count(True) == 1
+    assert ledger.progress("r1").finished
+
+
+def test_cancelled_run_skips_queued_chunks_and_resume_requeues_them(ledger):
+    ids = _run(ledger, 3)
+    _, running = ledger.claim_chunk(ids[0], "w")
+    assert ledger.cancel("r1") == 2
+    assert ledger.claim_chunk(ids[1], "w") is None
+    assert ledger.record_outcome(running, _outcome(0), 0.1) is True  # the last running chunk ends the run
+    requeued = ledger.reopen("r1")
+    assert sorted(c.chunk_id for c in requeued) == sorted(ids[1:])
+    assert ledger.get_run("r1").status == "running"

@@ -1,0 +1,51 @@
+"""The PostgreSQL sink: guarded upserts report inserted/updated/unchanged; identifiers are validated."""
+
+import pytest
+
+from common.connectors.base import Column, TableSpec
+from common.connectors.postgres import Sink, Source, identifier
+from common.errors import ConfigError
+
+TABLE = TableSpec("metrics_t", (Column("k", "text"), Column("n", "int8"), Column("h", "int8[]"),
+                                Column("j", "jsonb")), key=("k",))
+
+
+def test_upsert_is_idempotent_and_counts_what_changed(fresh_db):
+    from psycopg.types.json import Jsonb
+
+    sink = Sink(fresh_db)
+    sink.ensure_table(TABLE)
+    sink.ensure_table(TABLE)
+    rows = [("a", 1, [1, 2], Jsonb({"x": 1})), ("b", 2, [3], Jsonb([["c", 1]]))]
+    assert sink.upsert(TABLE, rows).as_dict() == {"inserted": 2, "updated": 0, "unchanged": 0}
+    assert sink.upsert(TABLE, rows).as_dict() == {"inserted": 0, "updated": 0, "unchanged": 2}
+    changed = [("a", 1, [1, 2], Jsonb({"x": 2})), ("c", 3, [], Jsonb({}))]
+    assert sink.upsert(TABLE, changed).as_dict() == {"inserted": 1, "updated": 1, "unchanged": 0}
+    got = sink.connection().execute("SELECT k, n, h, j FROM metrics_t ORDER BY k").fetchall()
+    assert got == [("a", 1, [1, 2], {"x": 2}), ("b", 2, [3], [["c", 1]]), ("c", 3, [], {})]
+    sink.close()
+
+
+def test_existing_table_with_other_columns_is_refused(fresh_db):
+    sink = Sink(fresh_db)
+    conn = sink.connection()
+    conn.execute("CREATE TABLE metrics_t (k text PRIMARY KEY, other int)")
+    conn.commit()
+    with pytest.raises(ConfigError, match="exists with different columns"):
+        sink.ensure_table(TABLE)
+    sink.close()
+
+
+@pytest.mark.parametrize("name", ['x"; DROP TABLE y; --', "a.b.c", "1abc", "a b", "x" * 64])
+def test_hostile_identifiers_are_refused(name):
+    with pytest.raises(ConfigError, match="invalid table or schema name"):
+        identifier(name)
+
+
+def test_source_is_read_only(fresh_db):
+    source = Source(fresh_db)
+    import psycopg
+
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        source.query("CREATE TABLE nope (x int)")
+    source.close()
