@@ -415,7 +415,8 @@ def bench_throughput(args: argparse.Namespace, settings: Settings) -> None:
                 busy = sum(res["chunk_s"])
                 log(f"  {key:<10} {res['seconds']:6.1f}s  {args.rows / res['seconds']:>9,.0f} rows/s  "
                     f"verdict {res['verdict']}, written {res['rows_written']:,}, unchanged {res['rows_unchanged']:,}; "
-                    f"plan {res['plan_s']:.1f}s, chunks {res['chunks']} (sum {busy:.1f}s, max "
+                    f"plan {res['plan_s']:.1f}s, chunk wall {res['chunk_wall_s'] or 0:.1f}s, "
+                    f"chunks {res['chunks']} (sum {busy:.1f}s, max "
                     f"{max(res['chunk_s'], default=0):.1f}s), worker peak RSS "
                     f"{', '.join(f'{k / 1024:.0f}' for k in res['worker_hwm_kb'])} MiB")
                 if res["verdict"] != "clean" or res["rows_read"] != args.rows:

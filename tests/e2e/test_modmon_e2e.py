@@ -55,8 +55,12 @@ def test_second_run_changes_nothing(e2e, baseline):
 
 def test_deployment_ids_select_exactly_those(e2e, baseline):
     a, b = e2e.data.deployments[3], e2e.data.deployments[7]
-    code, report = e2e.run_json("run", "modmon", "--target-schema", "sel", "--deployment-ids", a, b)
+    code, report = e2e.run_json("run", "modmon", "--target-schema", "sel", "--reenable-drift-tracking",
+                                "--deployment-ids", a, b)
     assert code == 0
+    assert sorted(e2e.sql("SELECT deployment_id, drift_tracking_enabled FROM sel.drift_tracking_settings")) == \
+        sorted([(a, True), (b, True)])
+    assert any("drift tracking re-enabled for 2 deployments" in action for action in report["actions"])
     assert {d for (d,) in e2e.sql("SELECT DISTINCT deployment_id FROM sel.prediction_stats_hourly")} == {a, b}
     assert {r["partition"] for r in report["partitions"]} == {a, b}
     for d in (a, b):
@@ -155,3 +159,26 @@ def test_no_password_in_output_report_ledger_logs_or_task_messages(e2e, baseline
     bad = e2e.shuttle("run", "modmon", "--target-schema", "secret2",
                       "--source-url", f"postgresql://postgres:{secret}@127.0.0.1:1/nowhere")
     assert bad.returncode == 2 and "source database" in bad.stderr and secret not in bad.stderr + bad.stdout
+
+
+def test_plan_is_a_dry_run(e2e):
+    result = e2e.shuttle("plan", "modmon", "--target-schema", "planned_only", "--chunk-rows", "10000")
+    assert result.returncode == 0, result.stderr
+    assert f"{e2e.data.total_rows:,} rows in" in result.stdout
+    for deployment in e2e.data.deployments:
+        assert deployment in result.stdout
+    assert e2e.sql("SELECT to_regclass('planned_only.prediction_stats_hourly')")[0][0] is None
+
+
+def test_unreachable_broker_or_ledger_is_named_before_anything_is_written(e2e):
+    broker = e2e.shuttle("run", "modmon", "--target-schema", "nobroker", SHUTTLE_BROKER_URL="redis://:pw123@127.0.0.1:1/0")
+    assert broker.returncode == 2 and "broker redis://:***@127.0.0.1:1/0 is unreachable" in broker.stderr
+    assert "pw123" not in broker.stderr
+    ledger = e2e.shuttle("run", "modmon", SHUTTLE_LEDGER_URL="postgresql://postgres:pw123@127.0.0.1:1/shuttle")
+    assert ledger.returncode == 2 and "unreachable" in ledger.stderr and "pw123" not in ledger.stderr
+    assert e2e.sql("SELECT to_regclass('nobroker.prediction_stats_hourly')")[0][0] is None
+
+
+def test_unknown_migration_is_a_usage_error(e2e):
+    result = e2e.shuttle("run", "nosuch")
+    assert result.returncode == 2 and "unknown migration 'nosuch'; available: modmon" in result.stderr
