@@ -112,6 +112,17 @@ def _window_hours(selection: Selection) -> tuple[int | None, int | None]:
     return bounds[0], bounds[1]
 
 
+def _window_conditions(column: str, selection: Selection) -> tuple[list[sql.Composable], list[Any]]:
+    """SQL conditions (and parameters) limiting `column` to the selection's --since/--until window."""
+    conditions: list[sql.Composable] = [sql.SQL("TRUE")]
+    params: list[Any] = []
+    for operator, bound in zip((">=", "<"), _window_hours(selection)):
+        if bound is not None:
+            conditions.append(sql.SQL("{} " + operator + " %s").format(sql.Identifier(column)))
+            params.append(hour_start(bound))
+    return conditions, params
+
+
 class Modmon(Migration):
     name = "modmon"
     summary = "Archived model-monitoring predictions → hourly prediction and feature-drift statistics"
@@ -155,18 +166,10 @@ class Modmon(Migration):
         """(deployment, hour, rows) for the selection: one aggregate scan, no rows in memory."""
         cache_key = (selection.partitions, selection.since, selection.until)
         if cache_key not in self._hour_counts:
-            since, until = _window_hours(selection)
-            conditions = [sql.SQL("TRUE")]
-            params: list[Any] = []
+            conditions, params = _window_conditions("ts", selection)
             if selection.partitions is not None:
                 conditions.append(sql.SQL("deployment_id = ANY(%s)"))
                 params.append(list(selection.partitions))
-            if since is not None:
-                conditions.append(sql.SQL("ts >= %s"))
-                params.append(hour_start(since))
-            if until is not None:
-                conditions.append(sql.SQL("ts < %s"))
-                params.append(hour_start(until))
             query = sql.SQL(
                 "SELECT deployment_id, floor(extract(epoch FROM ts) / 3600)::int8 AS hour, count(*)"
                 " FROM {} WHERE {} AND ts IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2"
@@ -292,15 +295,9 @@ class Modmon(Migration):
     def verify(self, selection: Selection, partitions: Sequence[str], rejected: dict[str, int]) -> list[Check]:
         """Every archived row is either counted in an hourly bucket or a reject, per deployment."""
         source = {p.partition: p.rows for p in self.count_partitions(selection)}
-        since, until = _window_hours(selection)
-        conditions = [sql.SQL("deployment_id = ANY(%s)")]
-        params: list[Any] = [list(partitions)]
-        if since is not None:
-            conditions.append(sql.SQL("hour >= %s"))
-            params.append(hour_start(since))
-        if until is not None:
-            conditions.append(sql.SQL("hour < %s"))
-            params.append(hour_start(until))
+        conditions, params = _window_conditions("hour", selection)
+        conditions.append(sql.SQL("deployment_id = ANY(%s)"))
+        params.append(list(partitions))
         query = sql.SQL("SELECT deployment_id, sum(prediction_count) FROM {} WHERE {} GROUP BY 1").format(
             identifier(self.tables[PREDICTION_STATS.name].name), sql.SQL(" AND ").join(conditions))
         target = {d: int(n) for d, n in self._target_query(query, params)}

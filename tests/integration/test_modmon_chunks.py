@@ -83,3 +83,22 @@ def test_unknown_deployment_ids_are_listed(migrated):
 
     with pytest.raises(ConfigError, match="unknown deployment ids: nope1, nope2"):
         migration.count_partitions(Selection(partitions=("nope2", "nope1")))
+
+
+def test_since_until_window_selects_whole_hours_only(migrated):
+    from datetime import datetime, timezone
+
+    from common.errors import ConfigError
+
+    url, data, migration, *_ = migrated
+    since, until = datetime(2026, 6, 2, tzinfo=timezone.utc), datetime(2026, 6, 3, 6, tzinfo=timezone.utc)
+    window = Selection(since=since, until=until)
+    planned = sum(p.rows for p in migration.count_partitions(window))
+    with psycopg.connect(url) as conn:
+        expected = conn.execute("SELECT count(*) FROM archived_predictions WHERE ts >= %s AND ts < %s",
+                                (since, until)).fetchone()[0]
+    assert planned == expected > 0
+    assert all(since.strftime("%Y%m%dT%H") <= c.lo and c.hi <= until.strftime("%Y%m%dT%H")
+               for c in migration.plan_chunks(window, 1000))
+    with pytest.raises(ConfigError, match="not on a whole hour"):
+        migration.count_partitions(Selection(since=datetime(2026, 6, 2, 0, 30, tzinfo=timezone.utc)))
