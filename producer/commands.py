@@ -148,13 +148,14 @@ def verify(settings: Settings, run_id: str) -> list[Check]:
         progress = ledger.progress(run_id)
         if not progress.finished:
             raise ConfigError(f"run {run_id} is still running; verify it once `shuttle status {run_id}` shows it ended")
+        groups = ledger.partition_totals(run_id)
         rejected: dict[str, int] = defaultdict(int)
-        for group in ledger.partition_totals(run_id):
+        for group in groups:
             rejected[group["partition"]] += group["rows_rejected"]
         partitions = sorted({p for rows in run.options.get("planned", {}).values() for p in rows})
         with migration_of_run(settings, run) as migration:
             checks = migration.verify(Selection.from_dict(run.selection), partitions, dict(rejected))
-        incomplete = {g["partition"] for g in ledger.partition_totals(run_id) if set(g["chunks"]) - {"done"}}
+        incomplete = {g["partition"] for g in groups if set(g["chunks"]) - {"done"}}
         checks = [c if c.partition not in incomplete else
                   Check(c.entity, c.partition, False, c.source_rows, c.target_rows, c.rejected_rows,
                         "some chunks of this partition did not finish") for c in checks]
