@@ -30,7 +30,7 @@ from common.connectors.postgres import Sink, Source, identifier
 from common.errors import ConfigError
 from common.migrations.base import Check, Migration, ProgressCallback, Selection
 from common.migrations.hourly_stats import FeatureStats, PredictionStats
-from common.model import ChunkOutcome, ChunkSpec, PartitionCount, Reject
+from common.model import ChunkOutcome, ChunkSpec, PartitionCount, Reject, WriteCounts
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 HOUR_FORMAT = "%Y%m%dT%H"
@@ -57,6 +57,14 @@ FEATURE_DRIFT = TableSpec(
              Column("value_max", "float8"), Column("histogram", "int8[]"), Column("category_count", "int8"),
              Column("top_categories", "jsonb"), Column("other_category_count", "int8")),
     key=("deployment_id", "model_id", "feature", "hour"),
+)
+# What each chunk last read and wrote, committed with its rows: a re-run whose source range is
+# unchanged (same fingerprint) and whose buckets are all still there skips the read and aggregation.
+CHUNK_STATE = TableSpec(
+    name="shuttle_modmon_chunks",
+    columns=(Column("chunk_key", "text"), Column("source_fingerprint", "text"), Column("rows_read", "int8"),
+             Column("prediction_rows", "int8"), Column("feature_rows", "int8"), Column("rejects", "jsonb")),
+    key=("chunk_key",),
 )
 DRIFT_TRACKING = TableSpec(
     name="drift_tracking_settings",
@@ -141,7 +149,7 @@ class Modmon(Migration):
         self._deployments = identifier(f"{src_schema}.deployments")
         self._source_tables = (f"{src_schema}.archived_predictions",)
         self.tables = {spec.name: _in_schema(spec, dst_schema)
-                       for spec in (PREDICTION_STATS, FEATURE_DRIFT, DRIFT_TRACKING)}
+                       for spec in (PREDICTION_STATS, FEATURE_DRIFT, DRIFT_TRACKING, CHUNK_STATE)}
         self._hour_counts: dict[tuple[str, ...] | None, list[tuple[str, int, int]]] = {}
 
     @classmethod
@@ -207,12 +215,17 @@ class Modmon(Migration):
     # -- one chunk ---------------------------------------------------------------------------------
 
     def run_chunk(self, spec: ChunkSpec, progress: ProgressCallback) -> ChunkOutcome:
+        lo, hi = hour_start(hour_number(spec.lo)), hour_start(hour_number(spec.hi))
+        fingerprint = self._fingerprint(spec.partition, lo, hi)
+        unchanged = self._unchanged_outcome(spec, fingerprint, lo, hi)
+        if unchanged is not None:
+            progress(unchanged.rows_read)
+            return unchanged
         query = sql.SQL(
             "SELECT id, model_id, floor(extract(epoch FROM ts) / 3600)::int8, prediction, actual,"
             " association_id IS NOT NULL, features FROM {} WHERE deployment_id = {} AND ts >= {} AND ts < {}"
             " ORDER BY ts, id"  # a fixed order makes floating-point sums identical on every re-run
-        ).format(self._predictions, sql.Literal(spec.partition), sql.Literal(hour_start(hour_number(spec.lo))),
-                 sql.Literal(hour_start(hour_number(spec.hi))))
+        ).format(self._predictions, sql.Literal(spec.partition), sql.Literal(lo), sql.Literal(hi))
         rows = self.source.stream(query, ["int8", "text", "int8", "float8", "float8", "bool", "text"])
         outcome = ChunkOutcome()
         predictions, features = self._aggregate(rows, outcome, progress)
@@ -223,13 +236,47 @@ class Modmon(Migration):
         for (model, feature, hour), stats in sorted(features.items()):
             row = stats.as_row()
             feature_rows.append((deployment, model, feature, hour_start(hour), *row[:9], Jsonb(row[9]), row[10]))
+        state = (spec.chunk_key, fingerprint, outcome.rows_read, len(prediction_rows), len(feature_rows),
+                 Jsonb([[r.key, r.reason, r.raw] for r in outcome.rejects]))
         written = self.sink.upsert_together([
             (self.tables[PREDICTION_STATS.name], prediction_rows),
             (self.tables[FEATURE_DRIFT.name], feature_rows),
+            (self.tables[CHUNK_STATE.name], [state]),
         ])
         # Reported under the entity's own name, whatever schema the run writes into.
         outcome.writes = {name: written[self.tables[name].name] for name in (PREDICTION_STATS.name, FEATURE_DRIFT.name)}
         return outcome
+
+    def _fingerprint(self, deployment: str, lo: datetime, hi: datetime) -> str:
+        """Count and content hash of the chunk's source rows, plus how many fall outside the valid
+        range by this run's rule: equal fingerprints mean an equal result. Computed in the database."""
+        query = sql.SQL(
+            "SELECT count(*), coalesce(sum(hashtextextended(concat_ws('|', id, model_id, extract(epoch FROM ts),"
+            " prediction, actual, association_id, features), 0)::numeric), 0),"
+            " count(*) FILTER (WHERE ts < %s OR ts >= %s) FROM {} WHERE deployment_id = %s AND ts >= %s AND ts < %s"
+        ).format(self._predictions)
+        valid = hour_start(self.options["valid_from_hour"]), hour_start(self.options["valid_until_hour"])
+        count, content, out_of_range = self.source.query(query, [*valid, deployment, lo, hi])[0]
+        return f"{count}:{content}:{out_of_range}"
+
+    def _unchanged_outcome(self, spec: ChunkSpec, fingerprint: str, lo: datetime, hi: datetime) -> ChunkOutcome | None:
+        """The recorded outcome when the source range and the target buckets are as last written."""
+        state = self.tables[CHUNK_STATE.name].name
+        recorded = self._target_query(sql.SQL(
+            "SELECT rows_read, prediction_rows, feature_rows, rejects FROM {} WHERE chunk_key = %s"
+            " AND source_fingerprint = %s").format(identifier(state)), [spec.chunk_key, fingerprint])
+        if not recorded:
+            return None
+        rows_read, prediction_rows, feature_rows, rejects = recorded[0]
+        count = sql.SQL("SELECT count(*) FROM {} WHERE deployment_id = %s AND hour >= %s AND hour < %s")
+        present = [self._target_query(count.format(identifier(self.tables[name].name)), [spec.partition, lo, hi])[0][0]
+                   for name in (PREDICTION_STATS.name, FEATURE_DRIFT.name)]
+        if present != [prediction_rows, feature_rows]:
+            return None
+        return ChunkOutcome(
+            rows_read=rows_read, rejects=[Reject(ENTITY, key, reason, raw) for key, reason, raw in rejects],
+            writes={PREDICTION_STATS.name: WriteCounts(unchanged=prediction_rows),
+                    FEATURE_DRIFT.name: WriteCounts(unchanged=feature_rows)})
 
     def _aggregate(self, rows: Iterator[tuple], outcome: ChunkOutcome, progress: ProgressCallback):
         valid_from = self.options["valid_from_hour"]
