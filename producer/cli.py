@@ -26,7 +26,7 @@ from common.urls import mask
 from producer import commands, display
 from producer.progress import follow
 
-MULTI_VALUE_OPTIONS = ("--deployment-ids", "--partitions")
+MULTI_VALUE_OPTIONS = ("--deployment-ids", "--partitions", "--experiment-ids", "--model-names")
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -45,22 +45,40 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    @click.option("--deployment-ids", "--partitions", "partitions", multiple=True, metavar="ID ...",
-                  help="Only these partitions (deployment ids); several may follow the flag, or comma-separated.")
+    """What to migrate and where; migration-specific flags reach the migration's `plan_options`."""
+    @click.option("--deployment-ids", "--partitions", "--experiment-ids", "partitions", multiple=True,
+                  metavar="ID ...", help="Only these partitions (deployment or experiment ids); several may "
+                  "follow the flag, or comma-separated.")
+    @click.option("--model-names", "model_names", multiple=True, metavar="NAME ...",
+                  help="Only these registered models (MLflow registry tables).")
     @click.option("--since", type=click.DateTime(), help="Only rows at or after this UTC time (whole hours).")
     @click.option("--until", type=click.DateTime(), help="Only rows before this UTC time (whole hours).")
     @click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk at most [default 50,000].")
-    @click.option("--source-url", help="Source database URL [SHUTTLE_SOURCE_URL].")
-    @click.option("--target-url", help="Target database URL [SHUTTLE_TARGET_URL].")
+    @click.option("--source-url", "--postgres-uri", "source_url", help="Source URL [SHUTTLE_SOURCE_URL].")
+    @click.option("--target-url", "--mongodb-uri", "target_url", help="Target URL [SHUTTLE_TARGET_URL].")
     @click.option("--source-schema", help="Schema of the source tables [public].")
-    @click.option("--target-schema", help="Schema of the target tables [public].")
+    @click.option("--target-schema", help="Schema (or MongoDB database) of the target [public].")
+    @click.option("--batch-size", type=click.IntRange(min=1), help="Rows per write batch inside a chunk.")
+    @click.option("--only-missing", is_flag=True, help="Fill only what the target lacks (where the migration supports it).")
+    @click.option("--sample", type=click.IntRange(min=0), help="Rows to compare field by field in the report.")
+    @click.option("--option", "extra_options", multiple=True, metavar="KEY=VALUE",
+                  help="A migration-specific option (see the README's catalogue).")
     @wraps(func)
-    def wrapper(*args: Any, partitions: tuple[str, ...], since: datetime | None, until: datetime | None,
-                **kwargs: Any) -> Any:
-        ids = tuple(p for value in partitions for p in value.split(",") if p)
-        selection = Selection(partitions=ids or None, since=_utc(since), until=_utc(until))
+    def wrapper(*args: Any, partitions: tuple[str, ...], model_names: tuple[str, ...], since: datetime | None,
+                until: datetime | None, extra_options: tuple[str, ...], **kwargs: Any) -> Any:
+        ids, names = _split(partitions), _split(model_names)
+        selection = Selection(partitions=ids or None, since=_utc(since), until=_utc(until), model_names=names or None)
+        for item in extra_options:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--option")
+            kwargs.setdefault("options", {})[key.replace("-", "_")] = value
         return func(*args, selection=selection, **kwargs)
     return wrapper
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p for value in values for p in value.split(",") if p)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,10 +115,15 @@ def plan(settings: Settings, migration: str, selection: Selection, chunk_rows: i
 @click.option("--reenable-drift-tracking", is_flag=True, help="modmon: re-enable drift tracking after a clean run.")
 @click.option("--wait", is_flag=True, help="Show live progress, then the report; exit 0 only on a clean verdict.")
 @click.option("--json", "as_json", is_flag=True, help="With --wait, print the report as JSON.")
+@click.option("--dry-run", is_flag=True, help="Only show the plan (as `shuttle plan`); write nothing.")
 @settings_options
 def run(settings: Settings, migration: str, selection: Selection, chunk_rows: int | None, max_rejects: int | None,
-        wait: bool, as_json: bool, **flags: Any) -> None:
+        wait: bool, as_json: bool, dry_run: bool, **flags: Any) -> None:
     """Plan, record and enqueue a run; with --wait follow it to its report."""
+    if dry_run:
+        display.show_plan(console, commands.plan(settings, migration, selection, chunk_rows or settings.chunk_rows,
+                                                 **flags), workers=2)
+        return
     record = commands.start_run(settings, migration, selection, chunk_rows or settings.chunk_rows,
                                 max_rejects if max_rejects is not None else settings.max_rejects, **flags)
     err_console.print(f"run [bold]{record.run_id}[/]: {record.total_rows:,} rows in {record.chunk_count} chunks "
@@ -198,7 +221,7 @@ def purge(settings: Settings, migration: str, purge_all: bool, before: datetime 
     """Delete migrated source rows, only for partitions whose migration completed and verified."""
     if purge_all == (before is not None):
         raise click.UsageError("give exactly one of --all or --before DATE")
-    ids = tuple(p for value in partitions for p in value.split(",") if p) or None
+    ids = _split(partitions) or None
     interactive = sys.stdin.isatty()
 
     def confirm(question: str) -> bool:

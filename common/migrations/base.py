@@ -15,23 +15,27 @@ ProgressCallback = Callable[[int], None]
 
 @dataclass(frozen=True)
 class Selection:
-    """Which part of the source a run covers: partitions (None = all) and an optional time window."""
+    """Which part of the source a run covers: partitions (None = all), an optional time window, and
+    for migrations with a second partition key (MLflow's registry: registered model names) its values."""
 
     partitions: tuple[str, ...] | None = None
     since: datetime | None = None
     until: datetime | None = None
+    model_names: tuple[str, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"partitions": list(self.partitions) if self.partitions is not None else None,
                 "since": self.since.isoformat() if self.since else None,
-                "until": self.until.isoformat() if self.until else None}
+                "until": self.until.isoformat() if self.until else None,
+                "model_names": list(self.model_names) if self.model_names is not None else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Selection:
-        parts = data.get("partitions")
+        parts, names = data.get("partitions"), data.get("model_names")
         return cls(partitions=tuple(parts) if parts is not None else None,
                    since=datetime.fromisoformat(data["since"]) if data.get("since") else None,
-                   until=datetime.fromisoformat(data["until"]) if data.get("until") else None)
+                   until=datetime.fromisoformat(data["until"]) if data.get("until") else None,
+                   model_names=tuple(names) if names is not None else None)
 
 
 @dataclass(frozen=True)
