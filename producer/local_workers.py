@@ -46,6 +46,7 @@ class LocalWorkers:
         self.log_dir = log_dir
         self.extra_env = extra_env
         self.processes: list[subprocess.Popen] = []
+        self.hostnames: list[str] = []
 
     def start_one(self, index: int) -> subprocess.Popen:
         hostname = f"{self.name}{index}-{os.getpid()}@{socket.gethostname()}"
@@ -57,6 +58,7 @@ class LocalWorkers:
             cwd=PROJECT_ROOT, env=worker_env(self.settings, self.extra_env), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
         self.processes.append(process)
+        self.hostnames.append(hostname)
         return process
 
     def __enter__(self) -> LocalWorkers:
@@ -75,8 +77,8 @@ class LocalWorkers:
             alive = [p for p in self.processes if p.poll() is None]
             if len(alive) < len(self.processes):
                 raise ServiceUnavailable("a local worker exited at start; run with --debug or see its log")
-            online = [w for w in broker.workers_online(timeout=1.0) if w.startswith(self.name)]
-            if len(online) >= len(self.processes):
+            online = set(broker.workers_online(timeout=1.0))
+            if online.issuperset(self.hostnames):
                 return
             time.sleep(0.3)
         raise ServiceUnavailable(f"local workers did not come online within {timeout:.0f}s")
@@ -94,6 +96,7 @@ class LocalWorkers:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self.processes.clear()
+        self.hostnames.clear()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

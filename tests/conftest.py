@@ -43,15 +43,3 @@ def fresh_db() -> Iterator[str]:
     name = f"shuttle_t_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     yield create_db(name)
     drop_db(name)
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A Redis database number of its own, flushed before and after."""
-    import redis
-
-    url = f"{REDIS_BASE}/11"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
