@@ -212,13 +212,13 @@ class Ledger:
     # -- the worker's side -------------------------------------------------------------------------
 
     def claim_chunk(self, chunk_id: str, worker: str) -> tuple[RunRecord, ChunkRecord] | None:
-        """Mark a chunk running; None when it should be skipped (run cancelled, chunk unknown)."""
+        """Mark a chunk running; None when it should be skipped (done already, run cancelled, unknown)."""
         with self._transaction() as conn:
             row = conn.execute(
                 sa.select(chunks, runs.c.status.label("run_status")).join(runs)
                 .where(chunks.c.chunk_id == chunk_id).with_for_update(of=chunks)).mappings().first()
-            if row is None:
-                return None
+            if row is None or row["state"] == "done":
+                return None  # a redelivered copy of a finished chunk: its result is already recorded
             if row["run_status"] == "cancelled":
                 if row["state"] not in TERMINAL_CHUNK_STATES:
                     conn.execute(chunks.update().where(chunks.c.chunk_id == chunk_id).values(state="cancelled"))

@@ -32,7 +32,7 @@ def run_chunk(context: WorkerContext, chunk_id: str, progress: Callable[[int, in
     """Copy one chunk idempotently. TransientError propagates (the task retries); other errors fail it."""
     claimed = context.ledger.claim_chunk(chunk_id, context.name)
     if claimed is None:
-        log.info("Worker %s: skipping %s (run cancelled or chunk unknown)", context.name, chunk_id)
+        log.info("Worker %s: skipping %s (done already, run cancelled, or unknown)", context.name, chunk_id)
         return ChunkResult({"skipped": True}, run_finished=_finish_if_last(context, chunk_id))
     run, chunk = claimed
     started = time.monotonic()

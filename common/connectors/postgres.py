@@ -101,11 +101,19 @@ class _Connected:
             raise TransientError(f"{self.role} database {self.public_url} is unreachable: "
                                  f"{_first_line(exc)}") from None
 
+    def query(self, statement: sql.Composable | str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple]:
+        """A small query (counts, checks); results must be bounded by design, never rows of a table."""
+        with translate_errors(f"{self.role} {self.public_url}"):
+            conn = self.connection()
+            try:
+                return conn.execute(statement, params).fetchall()
+            finally:
+                _end(conn)
+
     def check_reachable(self) -> None:
         """Fail fast, naming the role and the masked URL, when the database cannot be reached."""
         try:
-            self.connection().execute("SELECT 1").fetchone()
-            self.connection().rollback()
+            self.query("SELECT 1")
         except TransientError as exc:
             raise ServiceUnavailable(f"{exc}; check the {self.role} URL and that the server is running") from None
 
@@ -125,17 +133,11 @@ class Source(_Connected, BaseSource):
         conn = super()._connect()
         # Sources are never modified by a migration; the database enforces it.
         conn.execute("SET default_transaction_read_only = on")
+        # Parallelism comes from workers; a parallel scan per chunk would only oversubscribe the cores.
+        conn.execute("SET max_parallel_workers_per_gather = 0")
         conn.commit()
         return conn
 
-    def query(self, statement: sql.Composable | str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple]:
-        """A small query (counts, plans); results must be bounded by design, never rows of a table."""
-        with translate_errors(f"source {self.public_url}"):
-            conn = self.connection()
-            try:
-                return conn.execute(statement, params).fetchall()
-            finally:
-                conn.rollback()
 
     def stream(self, statement: sql.Composable, types: Sequence[str]) -> Iterator[tuple]:
         """Rows of a SELECT via binary COPY: fast, and memory stays flat however many rows."""
@@ -147,7 +149,7 @@ class Source(_Connected, BaseSource):
                         copy.set_types(list(types))
                         yield from copy.rows()
             finally:
-                conn.rollback()
+                _end(conn)
 
     @contextmanager
     def writable(self) -> Iterator[psycopg.Connection]:
@@ -264,6 +266,12 @@ def _checked_type(name: str) -> str:
     if _canonical_type(name).removesuffix("[]") not in _TYPE_ALIASES.values():
         raise ConfigError(f"unsupported column type {name!r}")
     return name
+
+
+def _end(conn: psycopg.Connection) -> None:
+    """Close a read transaction; a connection the server cut is left for `connection()` to replace."""
+    if not conn.broken and not conn.closed:
+        conn.rollback()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -341,13 +341,9 @@ class Modmon(Migration):
 
     def verify(self, selection: Selection, partitions: Sequence[str], rejected: dict[str, int]) -> list[Check]:
         """Every archived row is either counted in an hourly bucket or a reject, per deployment."""
-        source = {p.partition: p.rows for p in self.count_partitions(selection)}
-        conditions, params = _window_conditions("hour", selection)
-        conditions.append(sql.SQL("deployment_id = ANY(%s)"))
-        params.append(list(partitions))
-        query = sql.SQL("SELECT deployment_id, sum(prediction_count) FROM {} WHERE {} GROUP BY 1").format(
-            identifier(self.tables[PREDICTION_STATS.name].name), sql.SQL(" AND ").join(conditions))
-        target = {d: int(n) for d, n in self._target_query(query, params)}
+        source = self._by_deployment(self.source.query, self._predictions, "count(*)", "ts", selection, partitions)
+        target = self._by_deployment(self._target_query, identifier(self.tables[PREDICTION_STATS.name].name),
+                                     "sum(prediction_count)", "hour", selection, partitions)
         checks = []
         for deployment in partitions:
             src, dst, rej = source.get(deployment, 0), target.get(deployment, 0), rejected.get(deployment, 0)
@@ -355,6 +351,17 @@ class Modmon(Migration):
             detail = "" if ok else f"{src - dst - rej:+d} archived rows are neither in hourly buckets nor rejects"
             checks.append(Check(ENTITY, deployment, ok, src, dst, rej, detail))
         return checks
+
+    @staticmethod
+    def _by_deployment(run_query: Any, table: sql.Composable, total: str, time_column: str, selection: Selection,
+                       partitions: Sequence[str]) -> dict[str, int]:
+        """`total` per deployment over `table`, limited to the partitions and the selection's window."""
+        conditions, params = _window_conditions(time_column, selection)
+        conditions.append(sql.SQL("deployment_id = ANY(%s)"))
+        params.append(list(partitions))
+        query = sql.SQL("SELECT deployment_id, " + total + " FROM {} WHERE {} GROUP BY 1").format(
+            table, sql.SQL(" AND ").join(conditions))
+        return {deployment: int(n) for deployment, n in run_query(query, params)}
 
     def after_run(self, partitions: Sequence[str]) -> list[str]:
         if not self.options.get("reenable_drift_tracking") or not partitions:
@@ -404,11 +411,7 @@ class Modmon(Migration):
         return result
 
     def _target_query(self, query: sql.Composable, params: Sequence[Any]) -> list[tuple]:
-        conn = self.sink.connection()
-        try:
-            return conn.execute(query, params).fetchall()
-        finally:
-            conn.rollback()
+        return self.sink.query(query, params)
 
     def close(self) -> None:
         self.source.close()

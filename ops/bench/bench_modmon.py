@@ -28,6 +28,7 @@ import platform
 import pstats
 import re
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ from common.connectors.postgres import Sink, create_database  # noqa: E402
 from common.ledger import Ledger  # noqa: E402
 from common.migrations.base import Selection  # noqa: E402
 from common.migrations.hourly_stats import HISTOGRAM_BUCKETS, HISTOGRAM_EDGES  # noqa: E402
+from common.migrations import modmon as modmon_module  # noqa: E402
 from common.migrations.modmon import DRIFT_TRACKING, FEATURE_DRIFT, PREDICTION_STATS  # noqa: E402
 from common.migrations.modmon_fixtures import build_source  # noqa: E402
 from common.settings import Settings, load_settings  # noqa: E402
@@ -59,7 +61,9 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/9"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 DEPLOYMENTS = 30
 MEMORY_SIZES = (200_000, 2_000_000)
-TARGET_TABLES = (PREDICTION_STATS.name, FEATURE_DRIFT.name, DRIFT_TRACKING.name)
+# The engine's per-chunk state table (source fingerprints), when it has one, is emptied with the targets.
+TARGET_TABLES = (PREDICTION_STATS.name, FEATURE_DRIFT.name, DRIFT_TRACKING.name,
+                 *([modmon_module.CHUNK_STATE.name] if hasattr(modmon_module, "CHUNK_STATE") else []))
 REF_PREDICTIONS = "bench_ref_prediction_stats"
 REF_FEATURES = "bench_ref_feature_drift"
 TARGETS = ("2 workers reach at least half of that statement's rows/s, and a re-run costs under a third of a "
@@ -274,6 +278,23 @@ def compare_with_reference(url: str) -> str:
 
 # -- reporting --------------------------------------------------------------------------------------
 
+def engine_version() -> str:
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--", "common", "producer", "worker")
+    return f"{git('rev-parse', '--short', 'HEAD') or 'unknown'}{' + uncommitted engine changes' if dirty else ''}"
+
+
+@contextmanager
+def exclusive(url: str) -> Iterator[None]:
+    """One benchmark at a time: two would flush each other's broker and rebuild each other's source."""
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        if not conn.execute("SELECT pg_try_advisory_lock(hashtext('shuttle-bench'))").fetchone()[0]:
+            sys.exit("another bench_modmon.py is running on this PostgreSQL (it uses the same databases and "
+                     "Redis DB); wait for it to finish")
+        yield
+
+
 def machine() -> dict[str, str]:
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -345,7 +366,7 @@ def write_section(path: Path, name: str, body: list[str], data: dict[str, Any]) 
     sections[name] = "\n".join(body) + f"\n\n<!-- data: {json.dumps(data)} -->\n"
     header = render_header(sections)
     out = header
-    for key in ("throughput", "memory", "profile"):
+    for key in ("throughput", "memory", "profile", "notes"):  # "notes": hand-written, kept as is
         if key in sections:
             out += f"\n<!-- section:{key} -->\n{sections[key]}<!-- /section:{key} -->\n"
     path.write_text(out)
@@ -436,7 +457,8 @@ def bench_throughput(args: argparse.Namespace, settings: Settings) -> None:
     rat = ratios(args.rows, results)
     rerun_zero = all(r["rows_written"] == 0 for r in results["rerun"])
     body = [f"## Throughput ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
-            f"Command: `.venv/bin/python ops/bench/bench_modmon.py {' '.join(sys.argv[1:])}`", "",
+            f"Command: `.venv/bin/python ops/bench/bench_modmon.py {' '.join(sys.argv[1:])}` "
+            f"(engine at commit {engine_version()})", "",
             f"Dataset: `build_source(rows={args.rows:,}, deployments={DEPLOYMENTS}, malformed=False)` — "
             f"{args.rows:,} archived predictions over 7 days, Zipf-sized deployments, 6 JSON features per row "
             f"(→ {results['reference'][0]['target_rows']['predictions']:,} prediction buckets and "
@@ -481,7 +503,8 @@ def bench_memory(args: argparse.Namespace, settings: Settings) -> None:
     finally:
         ledger.dispose()
     body = [f"## Worker peak memory ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
-            f"Command: `.venv/bin/python ops/bench/bench_modmon.py {' '.join(sys.argv[1:])}`", "",
+            f"Command: `.venv/bin/python ops/bench/bench_modmon.py {' '.join(sys.argv[1:])}` "
+            f"(engine at commit {engine_version()})", "",
             f"One fresh run per size, 1 worker (Celery main process + 1 pool process), chunk_rows "
             f"{args.chunk_rows:,}; VmHWM (peak RSS) from /proc of every process in the worker's process group, "
             "read just before the worker is stopped.", "",
@@ -589,7 +612,8 @@ def bench_profile(args: argparse.Namespace, settings: Settings) -> None:
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(14)
 
     body = [f"## Where a chunk's time goes ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
-            f"Command: `.venv/bin/python ops/bench/bench_modmon.py {' '.join(sys.argv[1:])}`", "",
+            f"Command: `.venv/bin/python ops/bench/bench_modmon.py {' '.join(sys.argv[1:])}` "
+            f"(engine at commit {engine_version()})", "",
             f"The largest chunk ({spec.est_rows:,} rows, one deployment) run in the benchmark process, phases timed "
             "by wrapping `Source.stream`, `Modmon._aggregate` and `Sink.upsert_together`.", "",
             "| run | total s | rows/s | " + " | ".join(timers) + " | other (row building, sorting) |",
@@ -617,18 +641,21 @@ def main() -> None:
     parser.add_argument("--broker-url", default=DEFAULT_BROKER, help="flushed before every run")
     parser.add_argument("--reuse-source", action="store_true", help="keep the source if it has --rows rows")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
-    parser.add_argument("--log-dir", type=Path, default=Path("/tmp/shuttle-bench-logs"), help="worker logs")
+    parser.add_argument("--log-dir", type=Path, default=Path(f"/tmp/shuttle-bench-logs/{os.getpid()}"),
+                        help="worker logs")
     args = parser.parse_args()
     settings = load_settings(source_url=args.url, target_url=args.url, ledger_url=args.ledger_url,
-                             broker_url=args.broker_url, result_backend=args.broker_url, queue="shuttle-bench")
+                             broker_url=args.broker_url, result_backend=args.broker_url,
+                             queue=f"shuttle-bench-{os.getpid()}")
     args.chunk_rows = args.chunk_rows or settings.chunk_rows
-    create_database(args.url)
-    if args.memory:
-        bench_memory(args, settings)
-    elif args.profile:
-        bench_profile(args, settings)
-    else:
-        bench_throughput(args, settings)
+    with exclusive(args.url):
+        create_database(args.url)
+        if args.memory:
+            bench_memory(args, settings)
+        elif args.profile:
+            bench_profile(args, settings)
+        else:
+            bench_throughput(args, settings)
 
 
 if __name__ == "__main__":

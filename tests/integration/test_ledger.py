@@ -30,9 +30,10 @@ def _outcome(rejected: int) -> ChunkOutcome:
 
 def test_redelivered_chunk_is_counted_once(ledger):
     (chunk_id,) = _run(ledger, 1)
-    for _ in range(2):
-        _, chunk = ledger.claim_chunk(chunk_id, "w1")
+    copies = [ledger.claim_chunk(chunk_id, worker)[1] for worker in ("w1", "w2")]  # delivered twice at once
+    for chunk in copies:
         ledger.record_outcome(chunk, _outcome(rejected=3), 0.1)
+    assert ledger.claim_chunk(chunk_id, "w3") is None  # a late copy of a finished chunk is skipped
     totals = ledger.partition_totals("r1")
     assert totals[0]["rows_read"] == 10 and totals[0]["rows_rejected"] == 3
     assert len(ledger.rejects_of("r1")) == 3
