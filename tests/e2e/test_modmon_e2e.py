@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pytest
 import redis
+
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -75,16 +76,6 @@ def test_unknown_deployment_ids_fail_before_anything_is_written(e2e):
     assert e2e.sql("SELECT to_regclass('unknown_sel.prediction_stats_hourly')")[0][0] is None
 
 
-def _wait_for(predicate, timeout=60.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not reached in time")
-
-
 def test_worker_killed_mid_chunk_run_still_exact(e2e, baseline):
     result = e2e.shuttle("run", "modmon", "--target-schema", "killed", "--chunk-rows", "20000")
     assert result.returncode == 0, result.stderr
@@ -95,9 +86,9 @@ def test_worker_killed_mid_chunk_run_still_exact(e2e, baseline):
                               " AND est_rows >= 5000 AND started_at > now() - interval '150 milliseconds'", (run_id,))
         return rows[0] if rows else None
 
-    chunk_id, worker = _wait_for(running_chunk)
+    chunk_id, worker = wait_for(running_chunk)
     os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)  # the pool process copying that chunk
-    _wait_for(lambda: e2e.ledger_sql("SELECT state = 'done' FROM shuttle.chunks WHERE chunk_id = %s", (chunk_id,))[0][0],
+    wait_for(lambda: e2e.ledger_sql("SELECT state = 'done' FROM shuttle.chunks WHERE chunk_id = %s", (chunk_id,))[0][0],
               timeout=120, interval=0.2)
     code, report = e2e.run_json("watch", run_id)
     assert code == 0 and report["verdict"] == "clean"
@@ -110,7 +101,7 @@ def test_worker_killed_mid_chunk_run_still_exact(e2e, baseline):
 def test_cancel_then_resume_gives_the_uninterrupted_result(e2e, baseline):
     result = e2e.shuttle("run", "modmon", "--target-schema", "cancelled", "--chunk-rows", "1500")
     run_id = result.stdout.strip().splitlines()[-1]
-    _wait_for(lambda: e2e.ledger_sql("SELECT count(*) >= 3 FROM shuttle.chunks WHERE run_id = %s AND state = 'done'",
+    wait_for(lambda: e2e.ledger_sql("SELECT count(*) >= 3 FROM shuttle.chunks WHERE run_id = %s AND state = 'done'",
                                      (run_id,))[0][0])
     cancelled = e2e.shuttle("cancel", run_id)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
