@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ops/install.sh
 ops/services.sh
+.venv/bin/ruff check --quiet .
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
