@@ -145,7 +145,7 @@ def status(settings: Settings, run_id: str | None) -> None:
         run = commands.require_run(ledger, run_id)
         display.show_progress(console, run, ledger.progress(run_id))
         for chunk in ledger.chunks_of(run_id, states=["failed"])[:10]:
-            console.print(f"  failed {chunk.chunk_id}: {ledger.get_chunk_error(chunk.chunk_id)}")
+            console.print(f"  failed {chunk.chunk_id}: {escape(ledger.get_chunk_error(chunk.chunk_id) or '')}")
 
 
 @cli.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.ledger import Progress, RunRecord
@@ -91,7 +92,7 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
         for col in ("entity", "partition", "key", "reason"):
             rejects.add_column(col)
         for r in report["rejects"]["sample"]:
-            rejects.add_row(r["entity"], r["partition"], r["key"], r["reason"])
+            rejects.add_row(r["entity"], r["partition"], escape(r["key"]), escape(r["reason"]))
         console.print(rejects)
     timing = report["timing"]
     if timing.get("wall_seconds"):
@@ -103,7 +104,7 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
                       f"({100 * storage['target_bytes'] / storage['source_bytes']:.1f}%)")
     for action in report.get("actions", []):
         console.print(f"action: {action}")
-    console.print(f"verdict: [{VERDICT_STYLE.get(verdict, 'bold')}]{verdict}[/] — {report['verdict_reason']}")
+    console.print(f"verdict: [{VERDICT_STYLE.get(verdict, 'bold')}]{verdict}[/] — {escape(report['verdict_reason'])}")
 
 
 def show_checks(console: Console, checks: list[Check]) -> None:
@@ -113,7 +114,7 @@ def show_checks(console: Console, checks: list[Check]) -> None:
         table.add_column(col, justify=justify)
     for c in checks:
         table.add_row(c.entity, c.partition, f"{c.source_rows:,}", f"{c.target_rows:,}", f"{c.rejected_rows:,}",
-                      "✅" if c.ok else "❌", c.detail)
+                      "✅" if c.ok else "❌", escape(c.detail))
     console.print(table)
 
 
