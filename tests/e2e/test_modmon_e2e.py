@@ -173,3 +173,14 @@ def test_unreachable_broker_or_ledger_is_named_before_anything_is_written(e2e):
 def test_unknown_migration_is_a_usage_error(e2e):
     result = e2e.shuttle("run", "nosuch")
     assert result.returncode == 2 and "unknown migration 'nosuch'; available: modmon" in result.stderr
+
+
+def test_status_lists_runs_and_shows_progress(e2e, baseline):
+    listing = e2e.shuttle("status")
+    assert listing.returncode == 0 and baseline["run_id"] in listing.stdout
+    one = e2e.shuttle("status", baseline["run_id"])
+    assert one.returncode == 0
+    assert f"{e2e.data.total_rows:,} of {e2e.data.total_rows:,} rows (100.0%)" in one.stdout
+    assert f"{baseline['chunks']['total']} done" in one.stdout
+    missing = e2e.shuttle("status", "modmon-nope")
+    assert missing.returncode == 2 and "run 'modmon-nope' is not in the ledger" in missing.stderr
