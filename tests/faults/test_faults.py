@@ -30,6 +30,8 @@ def assert_exact(env: Env, run_id: str, schema: str, baseline: tuple[str, str], 
     assert report["totals"]["source_rows"] == env.data.total_rows
     assert report["totals"]["rows_read"] == env.data.total_rows
     assert report["totals"]["rows_rejected"] == len(env.data.malformed_ids)
+    listed = env.ledger_sql("SELECT key FROM shuttle.rejects WHERE run_id = %s", (run_id,))
+    assert sorted(int(key) for (key,) in listed) == sorted(env.data.malformed_ids), "each reject listed once"
     assert env.sql(f"SELECT count(*) FROM {schema}.prediction_stats_hourly")[0][0] == \
         env.sql("SELECT count(*) FROM base.prediction_stats_hourly")[0][0]
 
