@@ -133,6 +133,7 @@ class Source(_Connected, BaseSource):
         conn = super()._connect()
         # Sources are never modified by a migration; the database enforces it.
         conn.execute("SET default_transaction_read_only = on")
+        conn.execute("SET TimeZone = 'UTC'")  # hourly buckets are UTC hours whatever the server's zone
         # Parallelism comes from workers; a parallel scan per chunk would only oversubscribe the cores.
         conn.execute("SET max_parallel_workers_per_gather = 0")
         conn.commit()
