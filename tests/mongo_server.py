@@ -99,3 +99,17 @@ def mongomock_client():
         BulkOperationBuilder.add_replace, BulkOperationBuilder.add_update = replace, update
         BulkOperationBuilder._shuttle_shim = True
     return mongomock.MongoClient()
+
+
+def collection_checksums(db) -> dict[str, str]:
+    """An order-independent checksum of every collection's documents (key order inside a document ignored)."""
+    import hashlib
+    import json
+
+    sums = {}
+    for name in sorted(db.list_collection_names()):
+        digest = hashlib.md5()
+        for text in sorted(json.dumps(doc, sort_keys=True, default=repr) for doc in db[name].find()):
+            digest.update(text.encode())
+        sums[name] = digest.hexdigest()
+    return sums
