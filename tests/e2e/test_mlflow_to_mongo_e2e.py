@@ -3,6 +3,7 @@ an idempotent second run, selection, a worker killed mid-run and the MongoDB ser
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -113,6 +114,26 @@ def test_dry_run_writes_nothing(m2m):
     assert result.returncode == 0, result.stderr
     assert "metrics" in result.stdout
     assert f"shuttle_m2m_{PID}_dry" not in pymongo.MongoClient(m2m.mongo_uri).list_database_names()
+
+
+def test_reference_tool_config_file(m2m, baseline, tmp_path):
+    exp = m2m.data.experiment_ids[1]
+    config = tmp_path / "migration_config.json"
+    config.write_text(json.dumps({
+        "source": {"connection_uri": m2m.source_url},
+        "destination": {"recommended": target(m2m, "config")},
+        "migration_settings": {"batch_size": 1500, "dry_run": False, "validate_data": True}}))
+    result = m2m.shuttle("run", "mlflow-to-mongo", "--config", str(config), "--experiment-ids", exp, "--wait", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["target"] == target(m2m, "config") and report["verdict"] == "clean"
+    assert {str(d["experiment_id"]) for d in db(m2m, "config")["runs"].find()} == {exp}
+    config.write_text(json.dumps({"source": {"connection_uri": m2m.source_url},
+                                  "destination": {"recommended": target(m2m, "config_dry")},
+                                  "migration_settings": {"dry_run": True}}))
+    dry = m2m.shuttle("run", "mlflow-to-mongo", "--config", str(config))
+    assert dry.returncode == 0 and "metrics" in dry.stdout
+    assert f"shuttle_m2m_{PID}_config_dry" not in pymongo.MongoClient(m2m.mongo_uri).list_database_names()
 
 
 def _wait_for(predicate, timeout=60.0, interval=0.02):
