@@ -252,9 +252,7 @@ class MlflowToMongo(Migration):
             for fk in references(table, self.tables):
                 if not fk.ref_columns:
                     continue
-                child = {tuple(d.get(c) for c in fk.columns) for d in self.sink.find(
-                    self.collection(name), {PARTITION_FIELD: {"$in": partitions}},
-                    {c: 1 for c in fk.columns} | {"_id": 0})}
+                child = self._child_values(name, fk.columns, partitions)
                 child = {v for v in child if None not in v}
                 if not child:
                     continue
@@ -264,6 +262,17 @@ class MlflowToMongo(Migration):
                 checks.append(Check(label, "references", not missing, len(child), len(child) - len(missing), 0,
                                     f"missing in {fk.table}: {missing[:3]}" if missing else ""))
         return checks
+
+    def _child_values(self, table: str, columns: tuple[str, ...], partitions: list[str]) -> set[tuple]:
+        """Distinct values of a reference in the target: grouped in the server for one column (nx-27017
+        cannot group on a compound key, so composite references, all small registry tables, are read)."""
+        match = {PARTITION_FIELD: {"$in": partitions}}
+        if len(columns) == 1:
+            groups = self.sink.db[self.collection(table)].aggregate(
+                [{"$match": match}, {"$group": {"_id": f"${columns[0]}"}}])
+            return {(g["_id"],) for g in groups}
+        return {tuple(d.get(c) for c in columns)
+                for d in self.sink.find(self.collection(table), match, {c: 1 for c in columns} | {"_id": 0})}
 
     def _present(self, table: str, columns: tuple[str, ...], values: set[tuple]) -> set[tuple]:
         found: set[tuple] = set()

@@ -168,11 +168,16 @@ def test_two_experiments_migrate_only_their_runs_and_children(mlflow_source, mon
 def test_model_names_select_registry_tables(mlflow_source, mongo_uri, mongo_db_name):
     url, data = mlflow_source
     name = data.model_names[1]
-    migration, counts, *_ = migrate(url, f"{mongo_uri}/{mongo_db_name}", Selection(model_names=(name,)))
+    migration, counts, *_ = migrate(url, f"{mongo_uri}/{mongo_db_name}", Selection(model_names=(name,)),
+                                    options={"collection_prefix": "mlf_"})
     db = pymongo.MongoClient(mongo_uri)[mongo_db_name]
     assert {p.partition for p in counts} == {f"model:{name}"}
-    assert {d["name"] for d in db["model_versions"].find()} == {name}
-    assert db["runs"].count_documents({}) == 0
+    assert {d["name"] for d in db["mlf_model_versions"].find()} == {name}
+    assert db["mlf_model_version_tags"].count_documents({}) > 0 and db["mlf_registered_model_aliases"].count_documents({}) == 2
+    assert db["mlf_runs"].count_documents({}) == 0 and "model_versions" not in db.list_collection_names()
+    checks = migration.verify(Selection(model_names=(name,)), [f"model:{name}"], {})
+    assert all(c.ok for c in checks) and any(c.entity == "model_versions(workspace, name) → registered_models"
+                                             for c in checks)
     migration.close()
 
 
