@@ -65,9 +65,14 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
     for col in ("partition", "source rows", "rejected", "written", "unchanged", "target rows"):
         table.add_column(col, justify="left" if col == "partition" else "right")
     merged: dict[str, dict[str, int]] = {}
+    counted: set[tuple[str, str]] = set()
     for row in report["partitions"]:
-        m = merged.setdefault(row["partition"], {"source": row["source_rows"], "rejected": row["rows_rejected"],
-                                                 "written": 0, "unchanged": 0, "target": 0})
+        m = merged.setdefault(row["partition"], {"source": 0, "rejected": 0, "written": 0, "unchanged": 0, "target": 0})
+        # Source rows and rejects belong to the source entity; count each once however many targets it feeds.
+        if (row["source_entity"], row["partition"]) not in counted:
+            counted.add((row["source_entity"], row["partition"]))
+            m["source"] += row["source_rows"]
+            m["rejected"] += row["rows_rejected"]
         m["written"] += row["rows_written"]
         m["unchanged"] += row["rows_unchanged"]
         m["target"] += row["target_rows"]

@@ -90,11 +90,11 @@ def document_id(values: tuple[Any, ...]) -> Any:
     """The `_id` of a row: its key value, or for a composite key a JSON array of the values (stable text)."""
     if len(values) == 1:
         value = values[0]
-        return value if isinstance(value, (str, int)) and not isinstance(value, bool) else _id_text(values)
-    return _id_text(values)
+        return value if isinstance(value, (str, int)) and not isinstance(value, bool) else id_text(values)
+    return id_text(values)
 
 
-def _id_text(values: tuple[Any, ...]) -> str:
+def id_text(values: tuple[Any, ...]) -> str:
     return json.dumps([_jsonable(v) for v in values], separators=(",", ":"), ensure_ascii=False)
 
 

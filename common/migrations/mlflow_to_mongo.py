@@ -28,7 +28,7 @@ from common.connectors.mongo import Index, Sink, same
 from common.connectors.postgres import Source, translate_errors
 from common.errors import ConfigError
 from common.migrations.base import Check, Migration, ProgressCallback, Selection
-from common.migrations.mlflow_mapping import (JSON_TEXT, KNOWN_TABLES, PARTITION_FIELD, indexes_for,
+from common.migrations.mlflow_mapping import (JSON_TEXT, KNOWN_TABLES, PARTITION_FIELD, id_text, indexes_for,
                                               to_document)
 from common.migrations.mlflow_schema import GLOBAL, MODEL_PREFIX, Table, parents_first, reflect, references
 from common.model import ChunkOutcome, ChunkSpec, PartitionCount, Reject, WriteCounts
@@ -355,9 +355,7 @@ _ABSENT = object()
 
 
 def _encode_key(values: Sequence[Any]) -> str:
-    from common.migrations.mlflow_mapping import _jsonable
-
-    return json.dumps([_jsonable(v) for v in values], separators=(",", ":"), ensure_ascii=False)
+    return id_text(tuple(values))
 
 
 def _bson_time(value: Any) -> Any:

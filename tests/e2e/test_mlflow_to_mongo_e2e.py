@@ -87,6 +87,19 @@ def test_clean_run_every_table_counted_and_checked(m2m, baseline):
     printed = m2m.shuttle("report", baseline["run_id"])
     assert printed.returncode == 0 and "✅" in printed.stdout and "❌" not in printed.stdout
     assert "metrics" in printed.stdout and target(m2m, "base").split("//")[1] in printed.stdout
+    experiment = m2m.data.experiment_ids[0]
+    expected = sum(m2m.sql(f"SELECT count(*) FROM {t} WHERE experiment_id = %s", (int(experiment),))[0][0]
+                   for t in ("runs", "experiments", "experiment_tags", "datasets", "trace_info", "spans"))
+    expected += sum(m2m.sql(f"SELECT count(*) FROM {t} JOIN runs USING (run_uuid) WHERE experiment_id = %s",
+                            (int(experiment),))[0][0] for t in ("metrics", "params", "tags", "latest_metrics"))
+    expected += sum(m2m.sql(f"SELECT count(*) FROM {t} JOIN trace_info USING (request_id) WHERE experiment_id = %s",
+                            (int(experiment),))[0][0] for t in ("trace_request_metadata", "trace_tags"))
+    expected += m2m.sql("SELECT count(*) FROM inputs i JOIN runs r ON r.run_uuid = i.destination_id"
+                        " LEFT JOIN input_tags t USING (input_uuid) WHERE r.experiment_id = %s", (int(experiment),))[0][0]
+    expected += m2m.sql("SELECT count(*) FROM inputs i JOIN runs r ON r.run_uuid = i.destination_id"
+                        " WHERE r.experiment_id = %s", (int(experiment),))[0][0]
+    line = next(line for line in printed.stdout.splitlines() if line.startswith(f"│ {experiment} "))
+    assert f"{expected:,}" in line.split("│")[2], line
 
 
 def test_second_run_changes_nothing(m2m, baseline):
