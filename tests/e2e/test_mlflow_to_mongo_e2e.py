@@ -161,7 +161,7 @@ def _wait_for(predicate, timeout=60.0, interval=0.02):
 
 def _start(m2m, name: str) -> str:
     result = m2m.shuttle("run", "mlflow-to-mongo", "--postgres-uri", m2m.source_url, "--mongodb-uri", target(m2m, name),
-                         "--chunk-rows", "600")
+                         "--chunk-rows", "1200")
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]
 
