@@ -8,8 +8,10 @@ import pytest
 from bson.int64 import Int64
 
 from common.connectors import open_sink
+from common.connectors.base import Column, TableSpec
 from common.connectors.mongo import MIN_BATCH, Index, Sink
 from common.errors import ServiceUnavailable, TransientError
+from common.urls import mask
 from tests.mongo_server import mongomock_client
 
 
@@ -63,6 +65,13 @@ class SinkContract:
         result = sink.upsert_documents("model_versions", [{"_id": "m/1b", "name": "m", "version": 1}])
         assert len(result.rejects) == 1 and "refused" in result.rejects[0].reason
 
+    def test_table_shaped_upsert_keys_documents_on_the_table_key(self, sink):
+        table = TableSpec("kv", (Column("k", "text"), Column("n", "int8")), key=("k",))
+        sink.ensure_table(table)
+        assert sink.upsert(table, [("a", 1), ("b", 2)]).as_dict() == {"inserted": 2, "updated": 0, "unchanged": 0}
+        assert sink.upsert(table, [("a", 1), ("b", 3)]).as_dict() == {"inserted": 0, "updated": 1, "unchanged": 1}
+        assert sink.find("kv", {"_id": "b"}) == [{"_id": "b", "k": "b", "n": 3}]
+
     def test_batches_are_at_least_a_thousand(self, sink):
         assert Sink("mongodb://h/db", batch_size=10).batch_size == MIN_BATCH
 
@@ -90,5 +99,6 @@ def test_unreachable_server_is_named_with_the_password_masked():
     with pytest.raises(ServiceUnavailable) as caught:
         sink.check_reachable()
     assert "mongodb://admin:***@127.0.0.1:1/db" in str(caught.value) and "s3cret" not in str(caught.value)
+    assert mask("target mongodb+srv://u:pw@cluster.example/mlflow") == "target mongodb+srv://u:***@cluster.example/mlflow"
     with pytest.raises(TransientError):
         sink.upsert_documents("t", [{"_id": 1}])
