@@ -45,7 +45,11 @@ def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[s
             totals["source_rows"] += source_rows
             totals["rows_read"] += g.get("rows_read", 0)
             totals["rows_rejected"] += g.get("rows_rejected", 0)
-            for target in target_entities:
+            # A migration whose target entities are its source entities (one collection per table)
+            # pairs each with itself; otherwise every target entity is derived from the source one.
+            targets = [source_entity] if source_entity in target_entities or set(planned) <= set(target_entities) \
+                else target_entities
+            for target in targets:
                 writes = g.get("writes", {}).get(target, {"inserted": 0, "updated": 0, "unchanged": 0})
                 acc = per_target.setdefault(target, {"inserted": 0, "updated": 0, "unchanged": 0, "target_rows": 0})
                 for k in ("inserted", "updated", "unchanged"):

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     queue: str = "shuttle"
     chunk_rows: int = Field(default=50_000, gt=0)
     max_rejects: int | None = Field(default=None, ge=0)
+    batch_size: int | None = Field(default=None, gt=0, description="Rows per write batch inside a chunk.")
+    sample: int | None = Field(default=None, ge=0, description="Rows per table compared field by field.")
+    dry_run: bool = Field(default=False, description="`shuttle run` only shows the plan.")
     visibility_timeout: int = Field(default=6 * 3600, gt=0, description="Seconds; above the longest chunk.")
     task_max_retries: int = Field(default=5, ge=0)
     retry_backoff_max: int = Field(default=60, gt=0)
@@ -80,7 +83,45 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a table of settings")
-    return data
+    return from_reference_layout(data, path)
+
+
+# The layout of the config files the reference MLflow → MongoDB tool reads (seeds/): sections `source`,
+# `destination` and `settings` (or `migration_settings`), mapped onto ours so those files work as they are.
+_SOURCE_KEYS = ("connection_uri", "uri", "url")
+_DESTINATION_KEYS = ("connection_uri", "uri", "url", "recommended")
+_SETTING_KEYS = {"batch_size": "batch_size", "dry_run": "dry_run", "sample": "sample", "chunk_rows": "chunk_rows",
+                 "max_rejects": "max_rejects", "validate_data": None}
+
+
+def from_reference_layout(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Our settings from a file with `source` / `destination` / `settings` sections; other files unchanged."""
+    sections = ("source", "destination", "settings", "migration_settings")
+    if not any(isinstance(data.get(name), dict) for name in sections):
+        return data
+    out = {k: v for k, v in data.items() if k not in sections}
+    for section, keys, setting in (("source", _SOURCE_KEYS, "source_url"),
+                                   ("destination", _DESTINATION_KEYS, "target_url")):
+        values = data.get(section) or {}
+        unknown = sorted(set(values) - set(keys))
+        if unknown:
+            raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)} in [{section}]; "
+                              f"use one of: {', '.join(keys)}")
+        url = next((values[k] for k in keys if values.get(k)), None)
+        if url:
+            out[setting] = url
+    for section in ("settings", "migration_settings"):
+        for key, value in (data.get(section) or {}).items():
+            if key not in _SETTING_KEYS:
+                raise ConfigError(f"config file {path}: unknown key '{key}' in [{section}]; "
+                                  f"use one of: {', '.join(sorted(_SETTING_KEYS))}")
+            if key == "validate_data":
+                if value is not True:
+                    raise ConfigError(f"config file {path}: validate_data = {value!r}: Shuttle always verifies a "
+                                      "run; remove the key or set it to true")
+                continue
+            out[_SETTING_KEYS[key]] = value
+    return out
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

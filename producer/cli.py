@@ -77,6 +77,13 @@ def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _defaults_from(settings: Settings, flags: dict[str, Any]) -> None:
+    """--batch-size and --sample from the config file or environment when the flags are absent."""
+    for key in ("batch_size", "sample"):
+        if flags.get(key) is None and getattr(settings, key) is not None:
+            flags[key] = getattr(settings, key)
+
+
 def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(p for value in values for p in value.split(",") if p)
 
@@ -104,6 +111,7 @@ def migrations() -> None:
 def plan(settings: Settings, migration: str, selection: Selection, chunk_rows: int | None, workers: int,
          **flags: Any) -> None:
     """Dry run: counts per partition, chunks and estimated time; writes nothing."""
+    _defaults_from(settings, flags)
     the_plan = commands.plan(settings, migration, selection, chunk_rows or settings.chunk_rows, **flags)
     display.show_plan(console, the_plan, workers)
 
@@ -120,7 +128,8 @@ def plan(settings: Settings, migration: str, selection: Selection, chunk_rows: i
 def run(settings: Settings, migration: str, selection: Selection, chunk_rows: int | None, max_rejects: int | None,
         wait: bool, as_json: bool, dry_run: bool, **flags: Any) -> None:
     """Plan, record and enqueue a run; with --wait follow it to its report."""
-    if dry_run:
+    _defaults_from(settings, flags)
+    if dry_run or settings.dry_run:
         display.show_plan(console, commands.plan(settings, migration, selection, chunk_rows or settings.chunk_rows,
                                                  **flags), workers=2)
         return

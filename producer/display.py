@@ -66,9 +66,14 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
     for col in ("partition", "source rows", "rejected", "written", "unchanged", "target rows"):
         table.add_column(col, justify="left" if col == "partition" else "right")
     merged: dict[str, dict[str, int]] = {}
+    counted: set[tuple[str, str]] = set()
     for row in report["partitions"]:
-        m = merged.setdefault(row["partition"], {"source": row["source_rows"], "rejected": row["rows_rejected"],
-                                                 "written": 0, "unchanged": 0, "target": 0})
+        m = merged.setdefault(row["partition"], {"source": 0, "rejected": 0, "written": 0, "unchanged": 0, "target": 0})
+        # Source rows and rejects belong to the source entity; count each once however many targets it feeds.
+        if (row["source_entity"], row["partition"]) not in counted:
+            counted.add((row["source_entity"], row["partition"]))
+            m["source"] += row["source_rows"]
+            m["rejected"] += row["rows_rejected"]
         m["written"] += row["rows_written"]
         m["unchanged"] += row["rows_unchanged"]
         m["target"] += row["target_rows"]
@@ -85,6 +90,7 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
                       f"{t['updated']:,}, unchanged {t['unchanged']:,})")
     bad = [c for c in report["checks"] if not c["ok"]]
     if report["checks"]:
+        show_check_summary(console, report["checks"])
         console.print(f"checks: {len(report['checks']) - len(bad)} of {len(report['checks'])} partitions reconcile"
                       + ("" if not bad else f"; failing: {', '.join(c['partition'] for c in bad[:10])}"))
     if report["rejects"]["sample"]:
@@ -105,6 +111,26 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
     for action in report.get("actions", []):
         console.print(f"action: {action}")
     console.print(f"verdict: [{VERDICT_STYLE.get(verdict, 'bold')}]{verdict}[/] — {escape(report['verdict_reason'])}")
+
+
+def show_check_summary(console: Console, checks: list[dict[str, Any]]) -> None:
+    """One line per checked entity (table, reference, sample): ✅ when every partition of it holds."""
+    by_entity: dict[str, dict[str, Any]] = {}
+    for c in checks:
+        e = by_entity.setdefault(c["entity"], {"source": 0, "target": 0, "rejected": 0, "ok": True, "detail": ""})
+        e["source"] += c["source_rows"]
+        e["target"] += c["target_rows"]
+        e["rejected"] += c["rejected_rows"]
+        e["ok"] = e["ok"] and c["ok"]
+        e["detail"] = e["detail"] or ("" if c["ok"] and c["partition"] != "warning" else c["detail"])
+    table = Table(title="Verification per table")
+    for col, justify in (("", "left"), ("table / check", "left"), ("source", "right"), ("target", "right"),
+                         ("rejected", "right"), ("detail", "left")):
+        table.add_column(col, justify=justify)
+    for entity, e in by_entity.items():
+        table.add_row("✅" if e["ok"] else "❌", entity, f"{e['source']:,}", f"{e['target']:,}", f"{e['rejected']:,}",
+                      e["detail"][:80])
+    console.print(table)
 
 
 def show_checks(console: Console, checks: list[Check]) -> None:

@@ -43,3 +43,15 @@ def fresh_db() -> Iterator[str]:
     name = f"shuttle_t_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     yield create_db(name)
     drop_db(name)
+
+
+@pytest.fixture(scope="session")
+def mlflow_source():
+    """An MLflow database built once per session by MLflow's own client; tests only read it."""
+    from common.migrations.mlflow_fixtures import build_mlflow_source
+
+    name = f"shuttle_m2m_{os.getpid()}_mlflow"
+    url = create_db(name)
+    data = build_mlflow_source(url, experiments=4, runs_per_experiment=60, steps=45)
+    yield url, data
+    drop_db(name)

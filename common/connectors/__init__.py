@@ -12,6 +12,8 @@ _KINDS = {
     "postgresql": "common.connectors.postgres",
     "postgres": "common.connectors.postgres",
     "postgresql+psycopg": "common.connectors.postgres",
+    "mongodb": "common.connectors.mongo",
+    "mongodb+srv": "common.connectors.mongo",
 }
 
 
