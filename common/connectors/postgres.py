@@ -182,10 +182,28 @@ class Sink(_Connected, BaseSink):
                     counts[table.name] = self._upsert_one(cur, table, rows)
         return counts
 
-    @staticmethod
-    def _upsert_one(cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row]) -> WriteCounts:
+    def insert_missing(self, table: TableSpec, rows: Sequence[Row]) -> WriteCounts:
+        """Insert only rows whose key is absent; existing rows are left as they are (counted unchanged).
+
+        `ON CONFLICT DO NOTHING`, so a row another writer adds meanwhile is kept, never an error.
+        """
         if not rows:
             return WriteCounts()
+        with translate_errors(f"target {self.public_url}"):
+            conn = self.connection()
+            with conn.transaction(), conn.cursor() as cur:
+                target, stage, cols = self._stage(cur, table, rows)
+                cur.execute(sql.SQL(
+                    "WITH written AS (INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage}"
+                    " ON CONFLICT ({key}) DO NOTHING RETURNING 1) SELECT count(*) FROM written"
+                ).format(target=target, cols=cols, stage=stage,
+                         key=sql.SQL(", ").join(sql.Identifier(k) for k in table.key)))
+                inserted = cur.fetchone()[0]
+        return WriteCounts(inserted=inserted, unchanged=len(rows) - inserted)
+
+    @staticmethod
+    def _stage(cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row]) -> tuple[sql.Composable, ...]:
+        """COPY rows into a temporary table shaped like the target; returns (target, stage, columns)."""
         target = identifier(table.name)
         stage = sql.Identifier(f"_shuttle_stage_{table.name.replace('.', '_')}")
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in table.column_names)
@@ -194,6 +212,13 @@ class Sink(_Connected, BaseSink):
             copy.set_types([c.type for c in table.columns])
             for row in rows:
                 copy.write_row(row)
+        return target, stage, cols
+
+    @classmethod
+    def _upsert_one(cls, cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row]) -> WriteCounts:
+        if not rows:
+            return WriteCounts()
+        target, stage, cols = cls._stage(cur, table, rows)
         data_cols = [c for c in table.column_names if c not in table.key]
         assignments = sql.SQL(", ").join(
             sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in data_cols)
@@ -252,11 +277,16 @@ _TYPE_ALIASES = {
     "double precision": "double precision", "timestamptz": "timestamp with time zone",
     "timestamp with time zone": "timestamp with time zone", "jsonb": "jsonb", "bool": "boolean",
     "boolean": "boolean", "int4": "integer", "integer": "integer", "bytea": "bytea",
+    "varchar": "character varying", "character varying": "character varying",
 }
+# A length limit, e.g. MLflow's `character varying(250)`, is the existing table's business: rows that
+# fit it are written, one that does not fails the chunk. So only the kind of type is compared.
+_LENGTH_LIMIT = re.compile(r"^(character varying|varchar)\(\d+\)$")
 
 
 def _canonical_type(name: str) -> str:
     base, arrays = name.removesuffix("[]" * name.count("[]")), name.count("[]")
+    base = _LENGTH_LIMIT.sub(r"\1", base)
     return _TYPE_ALIASES.get(base, base) + "[]" * arrays
 
 
