@@ -169,8 +169,13 @@ class Sink(_Connected, BaseSink):
     kind = "postgres"
     role = "target"
 
-    def upsert(self, table: TableSpec, rows: Sequence[Row]) -> WriteCounts:
-        return self.upsert_together([(table, rows)])[table.name]
+    def upsert(self, table: TableSpec, rows: Sequence[Row], rewrite_when: Sequence[str] | None = None) -> WriteCounts:
+        """Upsert rows; an existing row is rewritten only when one of `rewrite_when` (default: every
+        non-key column) differs, so a migration can keep a row its own rule counts as equal."""
+        with translate_errors(f"target {self.public_url}"):
+            conn = self.connection()
+            with conn.transaction(), conn.cursor() as cur:
+                return self._upsert_one(cur, table, rows, rewrite_when)
 
     def upsert_together(self, batches: Sequence[tuple[TableSpec, Sequence[Row]]]) -> dict[str, WriteCounts]:
         """Upsert into several tables in one transaction, so a chunk lands whole or not at all."""
@@ -215,15 +220,19 @@ class Sink(_Connected, BaseSink):
         return target, stage, cols
 
     @classmethod
-    def _upsert_one(cls, cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row]) -> WriteCounts:
+    def _upsert_one(cls, cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row],
+                    rewrite_when: Sequence[str] | None = None) -> WriteCounts:
         if not rows:
             return WriteCounts()
         target, stage, cols = cls._stage(cur, table, rows)
         data_cols = [c for c in table.column_names if c not in table.key]
+        compared = list(rewrite_when) if rewrite_when is not None else data_cols
+        if not compared or set(compared) - set(data_cols):
+            raise ConfigError(f"rewrite_when {compared} must name non-key columns of {table.name}: {data_cols}")
         assignments = sql.SQL(", ").join(
             sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in data_cols)
-        current = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in data_cols)
-        incoming = sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in data_cols)
+        current = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in compared)
+        incoming = sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in compared)
         cur.execute(sql.SQL(
             "WITH written AS ("
             " INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM {stage}"

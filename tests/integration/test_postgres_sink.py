@@ -77,3 +77,17 @@ def test_insert_missing_leaves_existing_rows_alone_and_counts_them_unchanged(fre
     assert sink.connection().execute("SELECT key, value FROM latest_t ORDER BY key").fetchall() == [("a", 1.0), ("b", 2.0)]
     assert sink.insert_missing(MLFLOW_LIKE, []).as_dict() == {"inserted": 0, "updated": 0, "unchanged": 0}
     sink.close()
+
+
+def test_rewrite_when_keeps_a_row_that_differs_only_in_other_columns(fresh_db):
+    table = TableSpec("tie_t", (Column("k", "text"), Column("v", "float8"), Column("flag", "bool")), key=("k",))
+    sink = Sink(fresh_db)
+    sink.ensure_table(table)
+    sink.upsert(table, [("a", 0.0, True), ("b", 1.0, False)])
+    counts = sink.upsert(table, [("a", 0.0, False), ("b", 2.0, False)], rewrite_when=("v",))
+    assert counts.as_dict() == {"inserted": 0, "updated": 1, "unchanged": 1}
+    assert sink.connection().execute("SELECT k, v, flag FROM tie_t ORDER BY k").fetchall() == \
+        [("a", 0.0, True), ("b", 2.0, False)]
+    with pytest.raises(ConfigError, match="must name non-key columns"):
+        sink.upsert(table, [("a", 0.0, True)], rewrite_when=("k",))
+    sink.close()
