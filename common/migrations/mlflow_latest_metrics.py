@@ -56,6 +56,8 @@ LATEST_METRICS = TableSpec(
 )
 # What makes one candidate "later" than another in MLflow's rule; is_nan is not part of it.
 MLFLOW_ORDER = ("step", "timestamp", "value")
+# MLflow's order, greatest first; the last term only breaks the NaN-vs-0.0 tie (see the module docstring).
+LATEST_FIRST = sql.SQL("m.step DESC, m.timestamp DESC, m.value DESC, m.is_nan DESC")
 
 
 def cut_runs(run_counts: Sequence[tuple[str, int]], chunk_rows: int) -> Iterator[tuple[str, str, int]]:
@@ -168,15 +170,18 @@ class LatestMetrics(Migration):
 
     def run_chunk(self, spec: ChunkSpec, progress: ProgressCallback) -> ChunkOutcome:
         """One statement in the source computes the chunk's latest rows; one upsert writes them."""
+        # The chunk's runs first (a small array), so metrics is read through its run_uuid index; the
+        # window counts each group's rows (metric rows scanned) within the same single sort.
         latest = self.source.stream(sql.SQL(
             "SELECT DISTINCT ON (m.run_uuid, m.key) m.key, m.value, m.timestamp, m.step, m.is_nan, m.run_uuid,"
-            " count(*) OVER (PARTITION BY m.run_uuid, m.key)"
-            " FROM {runs} r JOIN {metrics} m ON m.run_uuid = r.run_uuid"
-            " WHERE r.experiment_id = {experiment}"
-            " AND r.run_uuid COLLATE \"C\" >= {first} AND r.run_uuid COLLATE \"C\" <= {last}"
-            " ORDER BY m.run_uuid, m.key, m.step DESC, m.timestamp DESC, m.value DESC, m.is_nan DESC"
+            " count(*) OVER (PARTITION BY m.run_uuid, m.key ORDER BY {order}"
+            "                ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)"
+            " FROM {metrics} m WHERE m.run_uuid = ANY(ARRAY("
+            "   SELECT run_uuid FROM {runs} WHERE experiment_id = {experiment}"
+            "   AND run_uuid COLLATE \"C\" >= {first} AND run_uuid COLLATE \"C\" <= {last}))"
+            " ORDER BY m.run_uuid, m.key, {order}"
         ).format(runs=self._runs, metrics=self._metrics, experiment=sql.Literal(int(spec.partition)),
-                 first=sql.Literal(spec.lo), last=sql.Literal(spec.hi)),
+                 first=sql.Literal(spec.lo), last=sql.Literal(spec.hi), order=LATEST_FIRST),
             [*(c.type for c in LATEST_METRICS.columns), "int8"])
         rows, scanned = [], 0
         for *row, group_rows in latest:
