@@ -60,6 +60,21 @@ MLFLOW_ORDER = ("step", "timestamp", "value")
 LATEST_FIRST = sql.SQL("m.step DESC, m.timestamp DESC, m.value DESC, m.is_nan DESC")
 
 
+class MetricsSource(Source):
+    """The MLflow database, read so a chunk's metrics come in index order (run_uuid, key, step).
+
+    With bitmap scans off, PostgreSQL reads a chunk's runs through MLflow's own index on
+    (run_uuid, key, step), and DISTINCT ON needs only an incremental sort within each (run, key)
+    group; left alone it picks a bitmap scan plus a full sort, 30% slower per chunk (ops/bench).
+    """
+
+    def _connect(self):
+        conn = super()._connect()
+        conn.execute("SET enable_bitmapscan = off")
+        conn.commit()
+        return conn
+
+
 def cut_runs(run_counts: Sequence[tuple[str, int]], chunk_rows: int) -> Iterator[tuple[str, str, int]]:
     """Group consecutive (run_uuid, metric rows) into (first run, last run, rows) of at most `chunk_rows`.
 
@@ -98,7 +113,7 @@ class LatestMetrics(Migration):
 
     def __init__(self, source_url: str, target_url: str, options: dict[str, Any]) -> None:
         super().__init__(source_url, target_url, options)
-        self.source = Source(source_url)
+        self.source = MetricsSource(source_url)
         self.sink = Sink(target_url)
         src, dst = options.get("source_schema", "public"), options.get("target_schema", "public")
         self._metrics = identifier(f"{src}.metrics")
