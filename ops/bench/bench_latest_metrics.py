@@ -192,6 +192,7 @@ def main() -> None:
         runs = conn.execute("SELECT count(DISTINCT run_uuid) FROM metrics").fetchone()[0]
         pairs = conn.execute("SELECT count(*) FROM (SELECT DISTINCT run_uuid, key FROM metrics) p").fetchone()[0]
     results: dict[str, list[dict[str, Any]]] = {k: [] for k in ("mlflow", "ceiling", "shuttle-1", "shuttle-2", "rerun")}
+    args.load = [os.getloadavg()[0]]  # other work on a shared 2-CPU machine skews every method; say how much
     try:
         for repeat in range(1, args.repeats + 1):
             log(f"repeat {repeat}/{args.repeats}")
@@ -204,6 +205,7 @@ def main() -> None:
             for label, values in results.items():
                 log(f"  {label}: {values[-1]['seconds']:.2f}s "
                     + " ".join(f"{k}={v}" for k, v in values[-1].items() if k != "seconds"))
+        args.load.append(os.getloadavg()[0])
         log("resume scenario")
         resumed = resume_scenario(settings, ledger, chunk_rows, args.log_dir)
         log(f"  {resumed}")
@@ -264,7 +266,9 @@ def render(args: argparse.Namespace, rows: int, runs: int, pairs: int, chunk_row
         "schema, rows generated in PostgreSQL straight into its tables (~2% NaN, some ±Inf as MLflow stores them, "
         f"shared timestamps); chunk_rows {chunk_rows:,}. Repeats: {args.repeats}, methods interleaved in the order "
         "listed. Shuttle is timed from `start_run` until the report is in the ledger (planning, enqueueing, all "
-        "chunks, the coordinator's verification); worker start-up is not timed.", "",
+        "chunks, the coordinator's verification); worker start-up is not timed. Load average (1 min) before and "
+        f"after the repeats: {args.load[0]:.2f} / {args.load[-1]:.2f} on {m['nproc']} CPUs (above ~0.5 means other "
+        "processes shared the machine and the figures are noisier).", "",
         *table, "",
         f"- Targets: 2 workers ≥ (a): **{'met' if vs_mlflow >= 1 else 'NOT met'}** — {vs_mlflow:.2f}× (a); "
         f"2 workers ≥ 60% of (b): **{'met' if vs_ceiling >= 0.6 else 'NOT met'}** — {vs_ceiling:.0%} of (b) "
