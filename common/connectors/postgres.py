@@ -172,8 +172,13 @@ class Sink(_Connected, BaseSink):
     kind = "postgres"
     role = "target"
 
-    def upsert(self, table: TableSpec, rows: Sequence[Row]) -> WriteCounts:
-        return self.upsert_together([(table, rows)])[table.name]
+    def upsert(self, table: TableSpec, rows: Sequence[Row], rewrite_when: Sequence[str] | None = None) -> WriteCounts:
+        """Upsert rows; an existing row is rewritten only when one of `rewrite_when` (default: every
+        non-key column) differs, so a migration can keep a row its own rule counts as equal."""
+        with translate_errors(f"target {self.public_url}"):
+            conn = self.connection()
+            with conn.transaction(), conn.cursor() as cur:
+                return self._upsert_one(cur, table, rows, rewrite_when)
 
     def upsert_together(self, batches: Sequence[tuple[TableSpec, Sequence[Row]]]) -> dict[str, WriteCounts]:
         """Upsert into several tables in one transaction, so a chunk lands whole or not at all."""
@@ -185,10 +190,28 @@ class Sink(_Connected, BaseSink):
                     counts[table.name] = self._upsert_one(cur, table, rows)
         return counts
 
-    @staticmethod
-    def _upsert_one(cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row]) -> WriteCounts:
+    def insert_missing(self, table: TableSpec, rows: Sequence[Row]) -> WriteCounts:
+        """Insert only rows whose key is absent; existing rows are left as they are (counted unchanged).
+
+        `ON CONFLICT DO NOTHING`, so a row another writer adds meanwhile is kept, never an error.
+        """
         if not rows:
             return WriteCounts()
+        with translate_errors(f"target {self.public_url}"):
+            conn = self.connection()
+            with conn.transaction(), conn.cursor() as cur:
+                target, stage, cols = self._stage(cur, table, rows)
+                cur.execute(sql.SQL(
+                    "WITH written AS (INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage}"
+                    " ON CONFLICT ({key}) DO NOTHING RETURNING 1) SELECT count(*) FROM written"
+                ).format(target=target, cols=cols, stage=stage,
+                         key=sql.SQL(", ").join(sql.Identifier(k) for k in table.key)))
+                inserted = cur.fetchone()[0]
+        return WriteCounts(inserted=inserted, unchanged=len(rows) - inserted)
+
+    @staticmethod
+    def _stage(cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row]) -> tuple[sql.Composable, ...]:
+        """COPY rows into a temporary table shaped like the target; returns (target, stage, columns)."""
         target = identifier(table.name)
         stage = sql.Identifier(f"_shuttle_stage_{table.name.replace('.', '_')}")
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in table.column_names)
@@ -197,11 +220,22 @@ class Sink(_Connected, BaseSink):
             copy.set_types([c.type for c in table.columns])
             for row in rows:
                 copy.write_row(row)
+        return target, stage, cols
+
+    @classmethod
+    def _upsert_one(cls, cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row],
+                    rewrite_when: Sequence[str] | None = None) -> WriteCounts:
+        if not rows:
+            return WriteCounts()
+        target, stage, cols = cls._stage(cur, table, rows)
         data_cols = [c for c in table.column_names if c not in table.key]
+        compared = list(rewrite_when) if rewrite_when is not None else data_cols
+        if not compared or set(compared) - set(data_cols):
+            raise ConfigError(f"rewrite_when {compared} must name non-key columns of {table.name}: {data_cols}")
         assignments = sql.SQL(", ").join(
             sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in data_cols)
-        current = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in data_cols)
-        incoming = sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in data_cols)
+        current = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in compared)
+        incoming = sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in compared)
         cur.execute(sql.SQL(
             "WITH written AS ("
             " INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM {stage}"
@@ -255,11 +289,16 @@ _TYPE_ALIASES = {
     "double precision": "double precision", "timestamptz": "timestamp with time zone",
     "timestamp with time zone": "timestamp with time zone", "jsonb": "jsonb", "bool": "boolean",
     "boolean": "boolean", "int4": "integer", "integer": "integer", "bytea": "bytea",
+    "varchar": "character varying", "character varying": "character varying",
 }
+# A length limit, e.g. MLflow's `character varying(250)`, is the existing table's business: rows that
+# fit it are written, one that does not fails the chunk. So only the kind of type is compared.
+_LENGTH_LIMIT = re.compile(r"^(character varying|varchar)\(\d+\)$")
 
 
 def _canonical_type(name: str) -> str:
     base, arrays = name.removesuffix("[]" * name.count("[]")), name.count("[]")
+    base = _LENGTH_LIMIT.sub(r"\1", base)
     return _TYPE_ALIASES.get(base, base) + "[]" * arrays
 
 

@@ -9,6 +9,7 @@ from common.migrations.base import Migration, Selection
 
 CATALOGUE: dict[str, str] = {
     "modmon": "common.migrations.modmon:Modmon",
+    "mlflow-latest-metrics": "common.migrations.mlflow_latest_metrics:LatestMetrics",
     "mlflow-to-mongo": "common.migrations.mlflow_to_mongo:MlflowToMongo",
 }
 

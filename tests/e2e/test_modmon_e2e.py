@@ -172,7 +172,7 @@ def test_unreachable_broker_or_ledger_is_named_before_anything_is_written(e2e):
 
 def test_unknown_migration_is_a_usage_error(e2e):
     result = e2e.shuttle("run", "nosuch")
-    assert result.returncode == 2 and "unknown migration 'nosuch'; available: mlflow-to-mongo, modmon" in result.stderr
+    assert result.returncode == 2 and "unknown migration 'nosuch'; available: mlflow-latest-metrics, mlflow-to-mongo, modmon" in result.stderr
 
 
 def test_status_lists_runs_and_shows_progress(e2e, baseline):

@@ -49,3 +49,45 @@ def test_source_is_read_only(fresh_db):
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         source.query("CREATE TABLE nope (x int)")
     source.close()
+
+
+MLFLOW_LIKE = TableSpec("latest_t", (Column("key", "varchar"), Column("value", "float8"), Column("run_uuid", "varchar")),
+                        key=("key", "run_uuid"))
+
+
+def test_existing_varchar_columns_with_a_length_are_accepted_but_other_types_are_not(fresh_db):
+    sink = Sink(fresh_db)
+    conn = sink.connection()
+    conn.execute("CREATE TABLE latest_t (key varchar(250), value double precision, run_uuid character varying(32),"
+                 " PRIMARY KEY (key, run_uuid))")
+    conn.execute("CREATE TABLE wrong_t (key text, value double precision, run_uuid varchar(32), PRIMARY KEY (key, run_uuid))")
+    conn.commit()
+    sink.ensure_table(MLFLOW_LIKE)
+    with pytest.raises(ConfigError, match=r"other type: \['key'\]"):
+        sink.ensure_table(TableSpec("wrong_t", MLFLOW_LIKE.columns, MLFLOW_LIKE.key))
+    sink.close()
+
+
+def test_insert_missing_leaves_existing_rows_alone_and_counts_them_unchanged(fresh_db):
+    sink = Sink(fresh_db)
+    sink.ensure_table(MLFLOW_LIKE)
+    assert sink.upsert(MLFLOW_LIKE, [("a", 1.0, "r1")]).as_dict() == {"inserted": 1, "updated": 0, "unchanged": 0}
+    counts = sink.insert_missing(MLFLOW_LIKE, [("a", 9.0, "r1"), ("b", 2.0, "r1")])
+    assert counts.as_dict() == {"inserted": 1, "updated": 0, "unchanged": 1}
+    assert sink.connection().execute("SELECT key, value FROM latest_t ORDER BY key").fetchall() == [("a", 1.0), ("b", 2.0)]
+    assert sink.insert_missing(MLFLOW_LIKE, []).as_dict() == {"inserted": 0, "updated": 0, "unchanged": 0}
+    sink.close()
+
+
+def test_rewrite_when_keeps_a_row_that_differs_only_in_other_columns(fresh_db):
+    table = TableSpec("tie_t", (Column("k", "text"), Column("v", "float8"), Column("flag", "bool")), key=("k",))
+    sink = Sink(fresh_db)
+    sink.ensure_table(table)
+    sink.upsert(table, [("a", 0.0, True), ("b", 1.0, False)])
+    counts = sink.upsert(table, [("a", 0.0, False), ("b", 2.0, False)], rewrite_when=("v",))
+    assert counts.as_dict() == {"inserted": 0, "updated": 1, "unchanged": 1}
+    assert sink.connection().execute("SELECT k, v, flag FROM tie_t ORDER BY k").fetchall() == \
+        [("a", 0.0, True), ("b", 2.0, False)]
+    with pytest.raises(ConfigError, match="must name non-key columns"):
+        sink.upsert(table, [("a", 0.0, True)], rewrite_when=("k",))
+    sink.close()

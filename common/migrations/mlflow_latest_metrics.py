@@ -1,0 +1,256 @@
+"""`mlflow-latest-metrics`: rebuild MLflow's `latest_metrics` from `metrics`, exactly as MLflow computes it.
+
+    source (MLflow DB)                          target (the same DB, or another with MLflow's schema)
+    ──────────────────────────────────────────  ──────────────────────────────────────────────────────
+    metrics   one row per logged value       →  latest_metrics   one row per (key, run_uuid):
+      key, value, timestamp, step, is_nan,        the row with the greatest (step, timestamp, value)
+      run_uuid                                    key, value, timestamp, step, is_nan, run_uuid
+    runs      run_uuid → experiment_id       →  (partition: experiment; chunks: run_uuid ranges)
+
+"Latest" is MLflow's rule (SqlAlchemyStore._update_latest_metrics_if_necessary): a logged metric
+replaces the latest one only when its (step, timestamp, value) tuple is *strictly* greater, compared
+on the values as stored: NaN as value 0 with is_nan true, ±Inf as ±1.7976931348623157e308. So one
+`DISTINCT ON (run_uuid, key) … ORDER BY step DESC, timestamp DESC, value DESC` per chunk computes it.
+
+The one case that order does not decide: a NaN (stored 0) and a 0.0 at the same (step, timestamp)
+tie, and MLflow keeps whichever was logged *first*, which `metrics` does not record. Shuttle then
+(1) keeps an existing latest_metrics row that ties with the winner (the upsert rewrites a row only
+when its step, timestamp or value differ; `is_nan` alone never), so a rebuild over a table MLflow
+maintained leaves it as MLflow had it; (2) when the row is missing, prefers the NaN row
+(`is_nan DESC`), as MLflow's own metric-history sampling picks its last point.
+
+Chunks are ranges of run_uuid inside one experiment, and a run is never split, so every (run, key)
+group is computed whole inside exactly one chunk; the upsert on (key, run_uuid) makes re-running a
+chunk change nothing. Each chunk commits in one transaction, so after a failure or a cancel every
+row in latest_metrics is either as before or correct, and `shuttle resume` redoes only what is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from psycopg import sql
+
+from common.connectors.base import Column, TableSpec
+from common.connectors.postgres import Sink, Source, identifier
+from common.errors import ConfigError
+from common.migrations.base import Check, Migration, ProgressCallback, Selection
+from common.model import ChunkOutcome, ChunkSpec, PartitionCount
+
+ENTITY = "metrics"
+TARGET = "latest_metrics"
+
+LATEST_METRICS = TableSpec(
+    name=TARGET,
+    columns=(
+        #      MLflow column     type (MLflow's own: varchar(250), double precision, bigint, boolean)
+        Column("key",            "varchar"),
+        Column("value",          "float8"),
+        Column("timestamp",      "int8"),
+        Column("step",           "int8"),
+        Column("is_nan",         "bool"),
+        Column("run_uuid",       "varchar"),
+    ),
+    key=("key", "run_uuid"),
+)
+# What makes one candidate "later" than another in MLflow's rule; is_nan is not part of it.
+MLFLOW_ORDER = ("step", "timestamp", "value")
+# MLflow's order, greatest first; the last term only breaks the NaN-vs-0.0 tie (see the module docstring).
+LATEST_FIRST = sql.SQL("m.step DESC, m.timestamp DESC, m.value DESC, m.is_nan DESC")
+
+
+class MetricsSource(Source):
+    """The MLflow database, read so a chunk's metrics come in index order (run_uuid, key, step).
+
+    With bitmap scans off, PostgreSQL reads a chunk's runs through MLflow's own index on
+    (run_uuid, key, step), and DISTINCT ON needs only an incremental sort within each (run, key)
+    group; left alone it picks a bitmap scan plus a full sort (measured on the benchmark's data: 62 ms
+    instead of 45 ms for the query of a 50,000-row chunk).
+    """
+
+    def _connect(self):
+        conn = super()._connect()
+        conn.execute("SET enable_bitmapscan = off")
+        conn.commit()
+        return conn
+
+
+def cut_runs(run_counts: Sequence[tuple[str, int]], chunk_rows: int) -> Iterator[tuple[str, str, int]]:
+    """Group consecutive (run_uuid, metric rows) into (first run, last run, rows) of at most `chunk_rows`.
+
+    A run is never split (its groups must be computed whole), so a run above the bound becomes a chunk
+    of its own; that is the only way a chunk exceeds `chunk_rows`.
+    """
+    first = last = None
+    rows = 0
+    for run_uuid, count in run_counts:
+        if first is not None and rows + count > chunk_rows:
+            yield first, last, rows
+            first, rows = None, 0
+        if first is None:
+            first = run_uuid
+        last, rows = run_uuid, rows + count
+    if first is not None:
+        yield first, last, rows
+
+
+def experiment_ids(partitions: Sequence[str]) -> list[int]:
+    """MLflow's experiment ids are integers; anything else is a usage error, named."""
+    bad = sorted(p for p in partitions if not p.isdigit())
+    if bad:
+        raise ConfigError(f"experiment ids must be whole numbers, got: {', '.join(bad)}; "
+                          "list them with: SELECT experiment_id, name FROM experiments")
+    return [int(p) for p in partitions]
+
+
+class LatestMetrics(Migration):
+    name = "mlflow-latest-metrics"
+    summary = "MLflow metrics → latest_metrics, recomputed in parallel by MLflow's own rule"
+    source_kind = "postgres"
+    target_kind = "postgres"
+    partition_label = "experiment"
+    status = "available"
+
+    def __init__(self, source_url: str, target_url: str, options: dict[str, Any]) -> None:
+        super().__init__(source_url, target_url, options)
+        self.source = MetricsSource(source_url)
+        self.sink = Sink(target_url)
+        src, dst = options.get("source_schema", "public"), options.get("target_schema", "public")
+        self._metrics = identifier(f"{src}.metrics")
+        self._runs = identifier(f"{src}.runs")
+        self._experiments = identifier(f"{src}.experiments")
+        self._target_runs = identifier(f"{dst}.runs")
+        self.table = LATEST_METRICS if dst == "public" else \
+            TableSpec(f"{dst}.{TARGET}", LATEST_METRICS.columns, LATEST_METRICS.key)
+        self._run_counts: dict[tuple[str, ...] | None, list[tuple[str, str, int]]] = {}
+
+    @classmethod
+    def plan_options(cls, **flags: Any) -> dict[str, Any]:
+        return {"source_schema": flags.get("source_schema") or "public",
+                "target_schema": flags.get("target_schema") or "public",
+                "only_missing": bool(flags.get("only_missing"))}
+
+    # -- planning ----------------------------------------------------------------------------------
+
+    def check_services(self) -> None:
+        self.source.check_reachable()
+        self.sink.check_reachable()
+
+    def _per_run(self, selection: Selection) -> list[tuple[str, str, int]]:
+        """(experiment, run_uuid, metric rows) in byte order of run_uuid: one aggregate, no metric rows."""
+        if selection.partitions not in self._run_counts:
+            where, params = sql.SQL("TRUE"), []
+            if selection.partitions is not None:
+                where, params = sql.SQL("r.experiment_id = ANY(%s)"), [experiment_ids(selection.partitions)]
+            query = sql.SQL(
+                "SELECT r.experiment_id::text, r.run_uuid, m.n FROM {runs} r"
+                " JOIN (SELECT run_uuid, count(*) AS n FROM {metrics} GROUP BY run_uuid) m USING (run_uuid)"
+                " WHERE {where} ORDER BY r.experiment_id, r.run_uuid COLLATE \"C\""
+            ).format(runs=self._runs, metrics=self._metrics, where=where)
+            self._run_counts[selection.partitions] = [(e, r, int(n)) for e, r, n in self.source.query(query, params)]
+        return self._run_counts[selection.partitions]
+
+    def count_partitions(self, selection: Selection) -> list[PartitionCount]:
+        totals: dict[str, int] = {}
+        for experiment, _, rows in self._per_run(selection):
+            totals[experiment] = totals.get(experiment, 0) + rows
+        known = {str(e) for (e,) in self.source.query(sql.SQL("SELECT experiment_id FROM {}").format(self._experiments))}
+        if selection.partitions is not None:
+            unknown = sorted(set(selection.partitions) - known, key=lambda p: (len(p), p))
+            if unknown:
+                raise ConfigError(f"unknown experiment ids: {', '.join(unknown)}; "
+                                  "list them with: SELECT experiment_id, name FROM experiments")
+            wanted = set(selection.partitions)
+        else:
+            wanted = known | set(totals)
+        return [PartitionCount(ENTITY, e, totals.get(e, 0)) for e in sorted(wanted, key=lambda p: (len(p), p))]
+
+    def plan_chunks(self, selection: Selection, chunk_rows: int) -> Iterator[ChunkSpec]:
+        by_experiment: dict[str, list[tuple[str, int]]] = {}
+        for experiment, run_uuid, rows in self._per_run(selection):
+            by_experiment.setdefault(experiment, []).append((run_uuid, rows))
+        for experiment in sorted(by_experiment, key=lambda p: (len(p), p)):
+            for first, last, rows in cut_runs(by_experiment[experiment], chunk_rows):
+                yield ChunkSpec(ENTITY, experiment, first, last, rows)
+
+    def prepare_target(self) -> None:
+        """The target is MLflow's own table: never created here, only checked to have MLflow's columns."""
+        exists = self._target_query(sql.SQL("SELECT to_regclass(%s) IS NOT NULL"), [self.table.name])[0][0]
+        if not exists:
+            raise ConfigError(f"target {self.sink.public_url} has no table {self.table.name}; point --target-url at "
+                              "an MLflow database, or create MLflow's schema there first (`mlflow db upgrade URL`)")
+        self.sink.ensure_table(self.table)
+
+    # -- one chunk ---------------------------------------------------------------------------------
+
+    def run_chunk(self, spec: ChunkSpec, progress: ProgressCallback) -> ChunkOutcome:
+        """One statement in the source computes the chunk's latest rows; one upsert writes them."""
+        # The chunk's runs first (a small array), so metrics is read through its run_uuid index; the
+        # window counts each group's rows (metric rows scanned) within the same single sort.
+        latest = self.source.stream(sql.SQL(
+            "SELECT DISTINCT ON (m.run_uuid, m.key) m.key, m.value, m.timestamp, m.step, m.is_nan, m.run_uuid,"
+            " count(*) OVER (PARTITION BY m.run_uuid, m.key ORDER BY {order}"
+            "                ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)"
+            " FROM {metrics} m WHERE m.run_uuid = ANY(ARRAY("
+            "   SELECT run_uuid FROM {runs} WHERE experiment_id = {experiment}"
+            "   AND run_uuid COLLATE \"C\" >= {first} AND run_uuid COLLATE \"C\" <= {last}))"
+            " ORDER BY m.run_uuid, m.key, {order}"
+        ).format(runs=self._runs, metrics=self._metrics, experiment=sql.Literal(int(spec.partition)),
+                 first=sql.Literal(spec.lo), last=sql.Literal(spec.hi), order=LATEST_FIRST),
+            [*(c.type for c in LATEST_METRICS.columns), "int8"])
+        rows, scanned = [], 0
+        for *row, group_rows in latest:
+            rows.append(tuple(row))
+            scanned += group_rows
+        progress(scanned)
+        if self.options.get("only_missing"):
+            written = self.sink.insert_missing(self.table, rows)
+        else:
+            written = self.sink.upsert(self.table, rows, rewrite_when=MLFLOW_ORDER)
+        return ChunkOutcome(rows_read=scanned, writes={TARGET: written})
+
+    # -- after the run -----------------------------------------------------------------------------
+
+    def target_counts(self, partitions: Sequence[str]) -> dict[tuple[str, str], int]:
+        query = sql.SQL("SELECT r.experiment_id::text, count(*) FROM {latest} l JOIN {runs} r USING (run_uuid)"
+                        " WHERE r.experiment_id = ANY(%s) GROUP BY 1").format(
+            latest=identifier(self.table.name), runs=self._target_runs)
+        counts = {(TARGET, p): 0 for p in partitions}
+        for experiment, n in self._target_query(query, [experiment_ids(partitions)]):
+            counts[(TARGET, experiment)] = int(n)
+        return counts
+
+    def verify(self, selection: Selection, partitions: Sequence[str], rejected: dict[str, int]) -> list[Check]:
+        """Per experiment: distinct (run, key) pairs in metrics == rows of latest_metrics for its runs."""
+        query = sql.SQL("SELECT r.experiment_id::text, count(*) FROM (SELECT DISTINCT run_uuid, key FROM {metrics}) p"
+                        " JOIN {runs} r USING (run_uuid) WHERE r.experiment_id = ANY(%s) GROUP BY 1").format(
+            metrics=self._metrics, runs=self._runs)
+        pairs = {e: int(n) for e, n in self.source.query(query, [experiment_ids(partitions)])}
+        target = self.target_counts(partitions)
+        checks = []
+        for experiment in partitions:
+            src, dst = pairs.get(experiment, 0), target[(TARGET, experiment)]
+            ok = src == dst
+            detail = "" if ok else (f"{src} (run, key) pairs in metrics but {dst} rows in latest_metrics"
+                                    + (" (--only-missing leaves other rows as they were)"
+                                       if self.options.get("only_missing") else ""))
+            checks.append(Check(TARGET, experiment, ok, src, dst, rejected.get(experiment, 0), detail))
+        return checks
+
+    def storage_sizes(self) -> dict[str, int]:
+        size = sql.SQL("SELECT coalesce(pg_total_relation_size(to_regclass(%s)), 0)")
+        schema = self.options.get("source_schema", "public")
+        return {"source_bytes": int(self.source.query(size, [f"{schema}.metrics"])[0][0]),
+                "target_bytes": int(self._target_query(size, [self.table.name])[0][0])}
+
+    def _target_query(self, query: sql.Composable, params: Sequence[Any]) -> list[tuple]:
+        conn = self.sink.connection()
+        try:
+            return conn.execute(query, params).fetchall()
+        finally:
+            conn.rollback()
+
+    def close(self) -> None:
+        self.source.close()
+        self.sink.close()

@@ -1,0 +1,207 @@
+"""`mlflow-latest-metrics` chunk by chunk (no Celery) on databases MLflow's own client filled.
+
+What MLflow's client left in latest_metrics while logging is the reference; each test works on a
+copy of one such database (CREATE DATABASE … TEMPLATE), built once per module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import psycopg
+import pytest
+
+from common.errors import ConfigError
+from common.migrations.base import Selection
+from common.migrations.mlflow_latest_metrics import LatestMetrics
+from common.migrations.mlflow_metrics_fixtures import EDGE_CASES, build_logged, log_in_order, mlflow_client
+from tests.conftest import _admin, create_db, drop_db, pg_url
+
+CHUNK_ROWS = 300  # several chunks per experiment (each run has ~118 metric rows)
+COLUMNS = "key, value, timestamp, step, is_nan, run_uuid"
+
+
+@pytest.fixture(scope="module")
+def template():
+    name = f"shuttle_lm_{os.getpid()}_template"
+    data = build_logged(create_db(name))
+    with _admin() as conn:  # MLflow's engine keeps pooled connections; a template must have none
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    yield name, data
+    drop_db(name)
+
+
+@pytest.fixture
+def mlflow_db(template):
+    """A fresh copy of the logged database: (url, dataset, latest_metrics as MLflow left it)."""
+    name = f"shuttle_lm_{os.getpid()}_{os.urandom(3).hex()}"
+    with _admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template[0]}"')
+    url = pg_url(name)
+    yield url, template[1], table(url)
+    drop_db(name)
+
+
+def table(url: str) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(f"SELECT {COLUMNS} FROM latest_metrics ORDER BY run_uuid, key").fetchall()
+
+
+def sql(url: str, query: str, params: tuple = ()) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+def run_all(url: str, selection: Selection = Selection(), **flags):
+    migration = LatestMetrics(url, url, LatestMetrics.plan_options(**flags))
+    migration.prepare_target()
+    chunks = list(migration.plan_chunks(selection, CHUNK_ROWS))
+    outcomes = [migration.run_chunk(spec, lambda rows: None) for spec in chunks]
+    return migration, chunks, outcomes
+
+
+def written(outcomes) -> dict[str, int]:
+    counts = {"inserted": 0, "updated": 0, "unchanged": 0}
+    for outcome in outcomes:
+        for k, v in outcome.writes["latest_metrics"].as_dict().items():
+            counts[k] += v
+    return counts
+
+
+def test_rebuild_of_an_emptied_table_equals_what_mlflow_maintained(mlflow_db):
+    url, data, saved = mlflow_db
+    sql(url, "DELETE FROM latest_metrics")
+    migration, chunks, outcomes = run_all(url)
+    assert table(url) == saved and len(saved) == data.pairs
+    assert sum(o.rows_read for o in outcomes) == data.metric_rows
+    assert written(outcomes) == {"inserted": data.pairs, "updated": 0, "unchanged": 0}
+    assert len(chunks) > len(data.experiments)
+    checks = migration.verify(Selection(), [*data.experiments, data.empty_experiment], {})
+    assert all(c.ok for c in checks) and sum(c.target_rows for c in checks) == data.pairs
+    migration.close()
+
+
+def test_every_edge_case_gets_mlflow_s_answer(mlflow_db):
+    url, data, _ = mlflow_db
+    sql(url, "DELETE FROM latest_metrics")
+    run_all(url)
+    got = sql(url, "SELECT key, value, is_nan FROM latest_metrics WHERE key LIKE 'edge/%%'")
+    assert len(got) == len(EDGE_CASES) * sum(len(r) for r in data.runs.values())
+    for key, value, is_nan in got:
+        assert (value, is_nan) == EDGE_CASES[key][1], key
+
+
+def test_chunks_are_run_ranges_inside_one_experiment_and_never_split_a_run(mlflow_db):
+    url, data, _ = mlflow_db
+    migration = LatestMetrics(url, url, LatestMetrics.plan_options())
+    chunks = list(migration.plan_chunks(Selection(), CHUNK_ROWS))
+    per_run = dict(sql(url, "SELECT run_uuid, count(*) FROM metrics GROUP BY 1"))
+    covered: dict[str, str] = {}
+    for spec in chunks:
+        runs = sorted((r for r in data.runs[spec.partition] if spec.lo <= r <= spec.hi))
+        assert runs[0] == spec.lo and runs[-1] == spec.hi
+        assert spec.est_rows == sum(per_run[r] for r in runs)
+        assert spec.est_rows <= CHUNK_ROWS or len(runs) == 1
+        for run in runs:
+            assert run not in covered, f"{run} in two chunks"
+            covered[run] = spec.chunk_key
+    assert set(covered) == {r for runs in data.runs.values() for r in runs}
+    migration.close()
+
+
+def test_rerun_changes_nothing(mlflow_db):
+    url, data, saved = mlflow_db
+    _, _, outcomes = run_all(url)
+    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": data.pairs}
+    assert table(url) == saved
+
+
+def test_full_rebuild_repairs_wrong_and_missing_rows(mlflow_db):
+    url, data, saved = mlflow_db
+    sql(url, "UPDATE latest_metrics SET value = value + 1 WHERE key = 'loss'")
+    sql(url, "DELETE FROM latest_metrics WHERE key = 'edge/nan_vs_neg'")
+    wrong = missing = sum(len(runs) for runs in data.runs.values())
+    _, _, outcomes = run_all(url)
+    assert written(outcomes) == {"inserted": missing, "updated": wrong, "unchanged": data.pairs - wrong - missing}
+    assert table(url) == saved
+
+
+def test_only_missing_fills_absent_pairs_and_leaves_the_rest_alone(mlflow_db):
+    url, data, saved = mlflow_db
+    sql(url, "UPDATE latest_metrics SET value = -1 WHERE key = 'loss'")
+    sql(url, "DELETE FROM latest_metrics WHERE key IN ('accuracy', 'edge/nan_last')")
+    deleted = 2 * sum(len(runs) for runs in data.runs.values())
+    _, _, outcomes = run_all(url, only_missing=True)
+    assert written(outcomes) == {"inserted": deleted, "updated": 0, "unchanged": data.pairs - deleted}
+    after = table(url)
+    assert [r for r in after if r[0] != "loss"] == [r for r in saved if r[0] != "loss"]
+    assert {r[1] for r in after if r[0] == "loss"} == {-1}
+
+
+def test_experiment_ids_select_exactly_those(mlflow_db):
+    url, data, saved = mlflow_db
+    chosen = data.experiments[1]
+    sql(url, "DELETE FROM latest_metrics")
+    migration, chunks, outcomes = run_all(url, Selection(partitions=(chosen, data.empty_experiment)))
+    assert {c.partition for c in chunks} == {chosen}
+    counts = {p.partition: p.rows for p in migration.count_partitions(Selection(partitions=(chosen, data.empty_experiment)))}
+    assert counts[data.empty_experiment] == 0 and counts[chosen] == sum(o.rows_read for o in outcomes)
+    runs = set(data.runs[chosen])
+    assert table(url) == [r for r in saved if r[5] in runs]
+    with pytest.raises(ConfigError, match="unknown experiment ids: 77, 999"):
+        migration.count_partitions(Selection(partitions=("999", "77", chosen)))
+    with pytest.raises(ConfigError, match="experiment ids must be whole numbers, got: abc"):
+        migration.count_partitions(Selection(partitions=("abc",)))
+    migration.close()
+
+
+def test_nan_and_zero_tie_keeps_what_mlflow_kept_and_prefers_nan_when_rebuilt(mlflow_db):
+    """A NaN (stored 0) and a 0.0 at the same (step, timestamp): MLflow keeps the first logged."""
+    url, data, _ = mlflow_db
+    client = mlflow_client(url)
+    run_id = client.create_run(data.experiments[0]).info.run_id
+    log_in_order(client, run_id, [[("tie/zero_then_nan", 0.0, 3, 7)], [("tie/zero_then_nan", math.nan, 3, 7)],
+                                  [("tie/nan_then_zero", math.nan, 3, 7)], [("tie/nan_then_zero", 0.0, 3, 7)]])
+    ties = "SELECT key, value, is_nan FROM latest_metrics WHERE key LIKE 'tie/%%' ORDER BY key"
+    assert sql(url, ties) == [("tie/nan_then_zero", 0.0, True), ("tie/zero_then_nan", 0.0, False)]
+    _, _, outcomes = run_all(url)
+    assert written(outcomes)["updated"] == 0 and written(outcomes)["inserted"] == 0
+    assert sql(url, ties) == [("tie/nan_then_zero", 0.0, True), ("tie/zero_then_nan", 0.0, False)]
+    sql(url, "DELETE FROM latest_metrics WHERE key LIKE 'tie/%%'")
+    run_all(url)
+    assert sql(url, ties) == [("tie/nan_then_zero", 0.0, True), ("tie/zero_then_nan", 0.0, True)]
+
+
+def test_a_chunk_that_fails_while_writing_leaves_the_table_as_it_was(mlflow_db, monkeypatch):
+    from common.connectors.postgres import Sink
+
+    url, data, saved = mlflow_db
+    sql(url, "UPDATE latest_metrics SET value = 42 WHERE key = 'lr'")
+    before = table(url)
+    migration = LatestMetrics(url, url, LatestMetrics.plan_options())
+    chunks = list(migration.plan_chunks(Selection(), CHUNK_ROWS))
+    original = Sink._stage
+
+    def stage_then_fail(cur, spec, rows):
+        original(cur, spec, rows)
+        raise RuntimeError("connection lost mid-chunk")
+
+    monkeypatch.setattr(Sink, "_stage", staticmethod(stage_then_fail))
+    with pytest.raises(RuntimeError):
+        migration.run_chunk(chunks[0], lambda rows: None)
+    assert table(url) == before
+    monkeypatch.undo()
+    for spec in chunks:
+        migration.run_chunk(spec, lambda rows: None)
+    assert table(url) == saved
+    migration.close()
+
+
+def test_target_without_mlflow_schema_is_refused(mlflow_db, fresh_db):
+    url, *_ = mlflow_db
+    migration = LatestMetrics(url, fresh_db, LatestMetrics.plan_options())
+    with pytest.raises(ConfigError, match="has no table latest_metrics; point --target-url at an MLflow database"):
+        migration.prepare_target()
+    migration.close()
