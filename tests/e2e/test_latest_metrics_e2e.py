@@ -12,7 +12,7 @@ from common.migrations.mlflow_metrics_fixtures import build_bulk, build_logged
 from common.settings import load_settings
 from producer import commands
 from tests.conftest import _admin, create_db, drop_db
-from tests.e2e.test_modmon_e2e import _wait_for
+from tests.harness import wait_for
 
 pytestmark = pytest.mark.e2e
 MIGRATION = "mlflow-latest-metrics"
@@ -118,7 +118,7 @@ def test_worker_killed_mid_run_cancelled_then_resumed_gives_the_same_table(e2e):
                 " AND (SELECT count(*) FROM shuttle.chunks WHERE run_id = %s AND state = 'done') >= 2", (run_id, run_id))
             return found[0] if found else None
 
-        chunk_id, worker = _wait_for(running_chunk, interval=0.005)
+        chunk_id, worker = wait_for(running_chunk, interval=0.005)
         os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)  # the pool process computing that chunk
         # `shuttle cancel` in this process (what the command runs), so it lands while most chunks are queued.
         commands.cancel(load_settings(ledger_url=e2e.ledger_url, broker_url=e2e.broker_url, queue=e2e.queue), run_id)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pymongo
 import pytest
@@ -15,7 +14,8 @@ import redis
 from common.settings import load_settings
 from producer.local_workers import LocalWorkers
 from tests.conftest import REDIS_BASE, create_db, drop_db
-from tests.e2e.conftest import E2E_REDIS_DB, Env
+from tests.e2e.conftest import E2E_REDIS_DB
+from tests.harness import Env, wait_for
 from tests.mongo_server import REAL_MONGO_URI, NxServer, collection_checksums
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +41,7 @@ def m2m(mlflow_source, tmp_path_factory):
     client = pymongo.MongoClient(mongo_uri)
     try:
         with workers:
-            env.workers = workers
+            env.pool = workers
             yield env
     finally:
         for name in client.list_database_names():
@@ -149,16 +149,6 @@ def test_reference_tool_config_file(m2m, baseline, tmp_path):
     assert f"shuttle_m2m_{PID}_config_dry" not in pymongo.MongoClient(m2m.mongo_uri).list_database_names()
 
 
-def _wait_for(predicate, timeout=60.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not reached in time")
-
-
 def _start(m2m, name: str) -> str:
     result = m2m.shuttle("run", "mlflow-to-mongo", "--postgres-uri", m2m.source_url, "--mongodb-uri", target(m2m, name),
                          "--chunk-rows", "1200")
@@ -181,9 +171,9 @@ def test_worker_killed_mid_run_then_resume(m2m, baseline):
                               " AND est_rows >= 500 AND entity = 'metrics'", (run_id,))
         return rows[0] if rows else None
 
-    chunk_id, worker = _wait_for(running_chunk)
+    chunk_id, worker = wait_for(running_chunk)
     os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)
-    _wait_for(lambda: m2m.ledger_sql("SELECT count(*) = 0 FROM shuttle.chunks WHERE run_id = %s AND state IN"
+    wait_for(lambda: m2m.ledger_sql("SELECT count(*) = 0 FROM shuttle.chunks WHERE run_id = %s AND state IN"
                                      " ('queued', 'running')", (run_id,))[0][0] or
               m2m.ledger_sql("SELECT state = 'done' FROM shuttle.chunks WHERE chunk_id = %s", (chunk_id,))[0][0],
               timeout=120, interval=0.2)
@@ -195,10 +185,10 @@ def test_worker_killed_mid_run_then_resume(m2m, baseline):
 @pytest.mark.skipif(bool(REAL_MONGO_URI), reason="restarts the nx-27017 process this test started")
 def test_mongodb_restart_mid_run_then_resume(m2m, baseline):
     run_id = _start(m2m, "restarted")
-    _wait_for(lambda: m2m.ledger_sql("SELECT count(*) >= 5 FROM shuttle.chunks WHERE run_id = %s AND state = 'done'",
+    wait_for(lambda: m2m.ledger_sql("SELECT count(*) >= 5 FROM shuttle.chunks WHERE run_id = %s AND state = 'done'",
                                      (run_id,))[0][0])
     m2m.server.restart(down_seconds=1.5)
-    _wait_for(lambda: m2m.ledger_sql("SELECT count(*) = 0 FROM shuttle.chunks WHERE run_id = %s AND state IN"
+    wait_for(lambda: m2m.ledger_sql("SELECT count(*) = 0 FROM shuttle.chunks WHERE run_id = %s AND state IN"
                                      " ('queued', 'running')", (run_id,))[0][0], timeout=120, interval=0.3)
     code, report = m2m.run_json("resume", run_id)
     assert code == 0 and report["verdict"] == "clean", report["verdict_reason"]
