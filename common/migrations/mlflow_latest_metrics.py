@@ -245,11 +245,7 @@ class LatestMetrics(Migration):
                 "target_bytes": int(self._target_query(size, [self.table.name])[0][0])}
 
     def _target_query(self, query: sql.Composable, params: Sequence[Any]) -> list[tuple]:
-        conn = self.sink.connection()
-        try:
-            return conn.execute(query, params).fetchall()
-        finally:
-            conn.rollback()
+        return self.sink.query(query, params)  # a lost connection is transient there, so the chunk retries
 
     def close(self) -> None:
         self.source.close()
