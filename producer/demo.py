@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from common.migrations.base import Selection
-from common.migrations.modmon_fixtures import build_source
+from common.migrations.modmon_fixtures import build_source, drop_target
 from common.settings import Settings
 from common.urls import mask
 from producer import commands, display
@@ -29,6 +29,7 @@ def run_demo(settings: Settings, console: Console, *, rows: int, deployments: in
         console.print(f"building the demo source in {mask(url)}: {deployments} deployments, {rows:,} predictions …")
         started = time.monotonic()
         data = build_source(url, rows=rows, deployments=deployments)
+        drop_target(settings.target_url or url)  # buckets of an earlier demo's data would not reconcile
         console.print(f"  {data.total_rows:,} archived predictions ({len(data.malformed_ids)} malformed on purpose) "
                       f"in {time.monotonic() - started:.1f}s")
     flower = start_flower(settings) if workers else None
@@ -46,7 +47,7 @@ def run_demo(settings: Settings, console: Console, *, rows: int, deployments: in
                                             lambda rid: commands.finalize_here(settings, ledger, rid))
         display.show_report(console, report)
         console.print(f"\nnext: `shuttle report {run.run_id} --json`, `shuttle verify {run.run_id}`, "
-                      f"then `shuttle purge modmon --before 2026-07-01 --dry-run`")
+                      f"then `shuttle purge modmon --before 2026-06-04 --dry-run`")
         return report["verdict"]
     finally:
         if workers:

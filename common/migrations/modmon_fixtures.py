@@ -110,6 +110,15 @@ def build_source(url: str, *, rows: int = 1_000_000, deployments: int = 30, malf
     return Dataset(tuple(ids), dict(zip(ids, sizes)), tuple(bad_ids))
 
 
+def drop_target(url: str, schema: str = "public") -> None:
+    """Remove modmon's target tables, so a demo rebuilt from new data starts from an empty target."""
+    from common.migrations.modmon import CHUNK_STATE, DRIFT_TRACKING, FEATURE_DRIFT, PREDICTION_STATS
+
+    with psycopg.connect(libpq_url(url)) as conn:
+        for spec in (PREDICTION_STATS, FEATURE_DRIFT, DRIFT_TRACKING, CHUNK_STATE):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, spec.name)))
+
+
 _ROWS = """
 INSERT INTO {s}.archived_predictions
 SELECT %(first)s + g,

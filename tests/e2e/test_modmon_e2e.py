@@ -184,3 +184,18 @@ def test_status_lists_runs_and_shows_progress(e2e, baseline):
     assert f"{baseline['chunks']['total']} done" in one.stdout
     missing = e2e.shuttle("status", "modmon-nope")
     assert missing.returncode == 2 and "run 'modmon-nope' is not in the ledger" in missing.stderr
+
+
+def test_demo_runs_end_to_end_and_again_on_new_data(e2e):
+    from tests.conftest import create_db, drop_db
+
+    name = f"shuttle_e2e_demo_{os.getpid()}"
+    url = create_db(name)
+    try:
+        for rows in (6000, 4000):  # the second demo rebuilds smaller data over the first one's target
+            result = e2e.shuttle("demo", "--rows", str(rows), "--deployments", "3", "--workers", "0",
+                                 "--chunk-rows", "1000", "--source-url", url, SHUTTLE_TARGET_URL=url)
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+            assert f"verdict: clean — all {rows + 7:,} source rows accounted for" in result.stdout
+    finally:
+        drop_db(name)
