@@ -106,7 +106,7 @@ def with_database(uri: str, name: str) -> str:
 def build_source(url: str, rows: int) -> dict[str, int]:
     """An MLflow database of about `rows` rows in all: metrics, plus runs, params and tags (1 : 3 : 2 per run)."""
     create_database(url)
-    runs = max(1, rows // (RUNS_PER_ROW + 6))
+    runs = max(1, -(-rows // (RUNS_PER_ROW + 6)))  # rounded up: at least `rows` rows
     build_bulk(url, runs=runs, rows=runs * RUNS_PER_ROW, experiments=20)
     with db(url) as conn:
         conn.execute(BULK_PARAMS_SQL)
