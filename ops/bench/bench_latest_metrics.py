@@ -34,7 +34,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
 import redis  # noqa: E402
 
 from common.connectors.postgres import create_database  # noqa: E402
@@ -46,7 +45,7 @@ from producer import commands  # noqa: E402
 from producer.local_workers import LocalWorkers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_modmon import machine  # noqa: E402
+from benchlib import db, log, machine, spread, wait_report  # noqa: E402
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -75,14 +74,6 @@ ORDER BY run_uuid, key, step DESC, timestamp DESC, value DESC
 """
 
 
-def log(message: str) -> None:
-    print(f"[{datetime.now():%H:%M:%S}] {message}", flush=True)
-
-
-def db(url: str) -> psycopg.Connection:
-    return psycopg.connect(url, autocommit=True)
-
-
 def timed_statement(url: str, table: str, statement: str) -> float:
     with db(url) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {table}")
@@ -98,15 +89,6 @@ def differences(url: str, table: str) -> int:
                                         EXCEPT ALL SELECT {COLUMNS} FROM {table}) a)
                                      + (SELECT count(*) FROM (SELECT {COLUMNS} FROM {table}
                                         EXCEPT ALL SELECT {COLUMNS} FROM latest_metrics) b)""").fetchone()[0]
-
-
-def wait_report(ledger: Ledger, run_id: str, timeout: float = 900) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while (report := ledger.get_report(run_id)) is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"run {run_id} has no report after {timeout:.0f}s")
-        time.sleep(0.05)
-    return report
 
 
 def shuttle_run(settings: Settings, ledger: Ledger, workers: int, chunk_rows: int, fresh: bool,
@@ -150,10 +132,6 @@ def resume_scenario(settings: Settings, ledger: Ledger, chunk_rows: int, log_dir
             "requeued": queued, "redone_done_chunks": sum(1 for c in done_before if attempts[c] > 1),
             "verdict": report["verdict"], "resume_seconds": seconds,
             "differences": differences(settings.target_url, "bench_ceiling")}
-
-
-def spread(values: list[float]) -> tuple[float, float, float]:
-    return min(values), statistics.median(values), max(values)
 
 
 def main() -> None:

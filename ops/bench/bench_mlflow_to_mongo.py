@@ -42,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import bson  # noqa: E402
-import psycopg  # noqa: E402
 import pymongo  # noqa: E402
 import redis  # noqa: E402
 from bson.decimal128 import Decimal128  # noqa: E402
@@ -63,7 +62,7 @@ from producer.local_workers import LocalWorkers  # noqa: E402
 from tests.mongo_server import REAL_MONGO_URI, NxServer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_modmon import machine, process_group_memory  # noqa: E402
+from benchlib import db, log, machine, process_group_memory, spread, wait_report  # noqa: E402
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -86,14 +85,6 @@ INSERT INTO tags (key, value, run_uuid)
 SELECT t, CASE t WHEN 'stage' THEN 'dev' ELSE 'note for ' || run_uuid END, run_uuid
 FROM runs, unnest(ARRAY['stage', 'mlflow.note.content']) t
 """
-
-
-def log(message: str) -> None:
-    print(f"[{datetime.now(timezone.utc):%H:%M:%S}] {message}", flush=True)
-
-
-def db(url: str) -> psycopg.Connection:
-    return psycopg.connect(url, autocommit=True)
 
 
 def with_database(uri: str, name: str) -> str:
@@ -245,15 +236,6 @@ def run_ceiling(source_url: str, target_uri: str, indexes: bool, processes: int 
 
 # -- Shuttle -----------------------------------------------------------------------------------------
 
-def wait_report(ledger: Ledger, run_id: str, timeout: float = 1800) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while (report := ledger.get_report(run_id)) is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"run {run_id} has no report after {timeout:.0f}s")
-        time.sleep(0.1)
-    return report
-
-
 def shuttle_run(settings: Settings, ledger: Ledger, workers: int, chunk_rows: int, source_url: str,
                 target_uri: str, log_dir: Path) -> dict[str, Any]:
     pool = LocalWorkers(settings, workers, name=f"m2mbench{workers}", log_dir=log_dir)
@@ -338,10 +320,6 @@ def profile(source_url: str, mongo_uri: str, pid: int, rows: int) -> list[str]:
 
 
 # -- report ------------------------------------------------------------------------------------------
-
-def spread(values: list[float]) -> tuple[float, float, float]:
-    return min(values), statistics.median(values), max(values)
-
 
 def render(args, server: str, tables: dict[str, int], results: dict[str, list[dict[str, Any]]],
            memory: dict[str, Any] | None, chunk_rows: int, load: list[float], prof: list[str] | None) -> str:

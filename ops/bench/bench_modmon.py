@@ -24,7 +24,6 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import re
 import statistics
@@ -55,6 +54,9 @@ from common.settings import Settings, load_settings  # noqa: E402
 from producer import commands  # noqa: E402
 from producer.local_workers import LocalWorkers  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import db, log, machine, process_group_memory, spread  # noqa: E402
+
 DEFAULT_DB = "postgresql://postgres@127.0.0.1:5432/shuttle_bench"
 DEFAULT_LEDGER = "postgresql://postgres@127.0.0.1:5432/shuttle_bench_ledger"
 DEFAULT_BROKER = "redis://127.0.0.1:6379/9"
@@ -70,17 +72,7 @@ TARGETS = ("2 workers reach at least half of that statement's rows/s, and a re-r
            "first run; worker peak memory stays flat between 200k and 2M rows.")
 
 
-def log(message: str) -> None:
-    print(f"[{datetime.now():%H:%M:%S}] {message}", flush=True)
-
-
 # -- the source and the databases ------------------------------------------------------------------
-
-def db(url: str) -> psycopg.Connection:
-    conn = psycopg.connect(url, autocommit=True)
-    conn.execute("SET timezone = 'UTC'")
-    return conn
-
 
 def source_rows(url: str) -> int | None:
     with db(url) as conn:
@@ -196,25 +188,6 @@ def run_reference(url: str) -> dict[str, Any]:
 
 # -- Shuttle ----------------------------------------------------------------------------------------
 
-def process_group_memory(pgid: int) -> list[dict[str, Any]]:
-    """VmHWM (peak RSS) of every live process in a process group, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[2]) != pgid:
-                continue
-            status = Path(f"/proc/{entry}/status").read_text()
-        except (OSError, ValueError):
-            continue
-        hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
-        found.append({"pid": int(entry), "ppid": int(fields[1]), "hwm_kb": int(hwm.group(1)) if hwm else 0})
-    return found
-
-
 def shuttle_run(settings: Settings, ledger: Ledger, workers: int, chunk_rows: int, fresh: bool,
                 log_dir: Path, label: str, timeout: float) -> dict[str, Any]:
     flush_broker(settings.broker_url)
@@ -293,28 +266,6 @@ def exclusive(url: str) -> Iterator[None]:
             sys.exit("another bench_modmon.py is running on this PostgreSQL (it uses the same databases and "
                      "Redis DB); wait for it to finish")
         yield
-
-
-def machine() -> dict[str, str]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-    with db(DEFAULT_DB.rsplit("/", 1)[0] + "/postgres") as conn:
-        version = conn.execute("SHOW server_version").fetchone()[0]
-        pg_settings = dict(conn.execute(
-            "SELECT name, current_setting(name) FROM pg_settings WHERE name IN"
-            " ('shared_buffers', 'work_mem', 'max_parallel_workers_per_gather', 'synchronous_commit', 'jit')"
-            " ORDER BY name").fetchall())
-    return {"nproc": str(os.cpu_count()), "memory": f"{mem_kb / 1024 / 1024:.1f} GiB", "cpu": cpu,
-            "postgres": f"PostgreSQL {version} ({', '.join(f'{k}={v}' for k, v in pg_settings.items())})",
-            "python": f"Python {platform.python_version()}, {platform.system()} {platform.release()}"}
-
-
-def spread(values: list[float]) -> tuple[float, float, float]:
-    return min(values), statistics.median(values), max(values)
 
 
 def fmt_rate(values: list[float]) -> str:
