@@ -79,6 +79,14 @@ def create_database(url: str) -> bool:
         raise ServiceUnavailable(f"PostgreSQL at {mask(url)} is unreachable: {_first_line(exc)}") from None
 
 
+def same_database(a: str, b: str) -> bool:
+    """Whether two URLs name the same database on the same server (so one statement can read and write)."""
+    def where(url: str) -> tuple[str, str, str]:
+        info = psycopg.conninfo.conninfo_to_dict(libpq_url(url))
+        return (info.get("host") or "localhost", str(info.get("port") or 5432), info.get("dbname") or "")
+    return where(a) == where(b)
+
+
 class _Connected:
     """One lazily opened connection per source or sink, reopened after it breaks."""
 
@@ -200,12 +208,9 @@ class Sink(_Connected, BaseSink):
         with translate_errors(f"target {self.public_url}"):
             conn = self.connection()
             with conn.transaction(), conn.cursor() as cur:
-                target, stage, cols = self._stage(cur, table, rows)
-                cur.execute(sql.SQL(
-                    "WITH written AS (INSERT INTO {target} ({cols}) SELECT {cols} FROM {stage}"
-                    " ON CONFLICT ({key}) DO NOTHING RETURNING 1) SELECT count(*) FROM written"
-                ).format(target=target, cols=cols, stage=stage,
-                         key=sql.SQL(", ").join(sql.Identifier(k) for k in table.key)))
+                _, stage, _ = self._stage(cur, table, rows)
+                cur.execute(sql.SQL("WITH written AS ({}) SELECT count(*) FROM written").format(
+                    _insert_missing_sql(table, stage)))
                 inserted = cur.fetchone()[0]
         return WriteCounts(inserted=inserted, unchanged=len(rows) - inserted)
 
@@ -222,29 +227,39 @@ class Sink(_Connected, BaseSink):
                 copy.write_row(row)
         return target, stage, cols
 
+    def upsert_query(self, table: TableSpec, query: sql.Composable, rewrite_when: Sequence[str] | None = None,
+                     only_missing: bool = False, tally: str | None = None) -> tuple[WriteCounts, int]:
+        """Upsert the rows of a SELECT that runs in the target database itself, in one statement.
+
+        For a migration whose source tables live in the target database: no row leaves the server, so
+        there is no COPY out, no decoding and no staging. The query yields the table's columns (and
+        optionally a `tally` column, summed and returned, e.g. the source rows each output row stands
+        for). Same rules as `upsert` (or `insert_missing` when `only_missing`), same counts.
+        """
+        with translate_errors(f"target {self.public_url}"):
+            conn = self.connection()
+            with conn.transaction(), conn.cursor() as cur:
+                write = _insert_missing_sql(table, sql.Identifier("incoming")) if only_missing \
+                    else _upsert_sql(table, sql.Identifier("incoming"), rewrite_when)
+                total = sql.SQL("coalesce(sum({}), 0)").format(sql.Identifier(tally)) if tally else sql.SQL("0")
+                cur.execute(sql.SQL(
+                    "WITH incoming AS MATERIALIZED ({query}), written AS ({write})"
+                    " SELECT (SELECT count(*) FROM incoming), (SELECT {total} FROM incoming),"
+                    " count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"
+                ).format(query=query, write=write, total=total))
+                rows, tallied, inserted, updated = cur.fetchone()
+        return WriteCounts(inserted=inserted, updated=updated, unchanged=rows - inserted - updated), int(tallied)
+
     @classmethod
     def _upsert_one(cls, cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row],
                     rewrite_when: Sequence[str] | None = None) -> WriteCounts:
         if not rows:
             return WriteCounts()
-        target, stage, cols = cls._stage(cur, table, rows)
-        data_cols = [c for c in table.column_names if c not in table.key]
-        compared = list(rewrite_when) if rewrite_when is not None else data_cols
-        if not compared or set(compared) - set(data_cols):
-            raise ConfigError(f"rewrite_when {compared} must name non-key columns of {table.name}: {data_cols}")
-        assignments = sql.SQL(", ").join(
-            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in data_cols)
-        current = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in compared)
-        incoming = sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in compared)
+        _, stage, _ = cls._stage(cur, table, rows)
         cur.execute(sql.SQL(
-            "WITH written AS ("
-            " INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM {stage}"
-            " ON CONFLICT ({key}) DO UPDATE SET {assignments}"
-            " WHERE ({current}) IS DISTINCT FROM ({incoming})"
-            " RETURNING (xmax = 0) AS inserted)"
+            "WITH written AS ({})"
             " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"
-        ).format(target=target, cols=cols, stage=stage, assignments=assignments, current=current,
-                 incoming=incoming, key=sql.SQL(", ").join(sql.Identifier(k) for k in table.key)))
+        ).format(_upsert_sql(table, stage, rewrite_when)))
         inserted, updated = cur.fetchone()
         return WriteCounts(inserted=inserted, updated=updated, unchanged=len(rows) - inserted - updated)
 
@@ -282,6 +297,39 @@ class Sink(_Connected, BaseSink):
             sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(_checked_type(c.type))) for c in table.columns)
         conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
             identifier(table.name), columns, sql.SQL(", ").join(sql.Identifier(k) for k in table.key)))
+
+
+def _upsert_sql(table: TableSpec, source: sql.Composable, rewrite_when: Sequence[str] | None) -> sql.Composable:
+    """`INSERT … SELECT … ON CONFLICT DO UPDATE` rewriting a row only when a compared column differs.
+
+    `RETURNING inserted` tells a new row from a rewritten one; rows left alone return nothing.
+    """
+    data_cols = [c for c in table.column_names if c not in table.key]
+    compared = list(rewrite_when) if rewrite_when is not None else data_cols
+    if not compared or set(compared) - set(data_cols):
+        raise ConfigError(f"rewrite_when {compared} must name non-key columns of {table.name}: {data_cols}")
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in table.column_names)
+    return sql.SQL(
+        "INSERT INTO {target} AS t ({cols}) SELECT {cols} FROM {source}"
+        " ON CONFLICT ({key}) DO UPDATE SET {assignments}"
+        " WHERE ({current}) IS DISTINCT FROM ({incoming})"
+        " RETURNING (xmax = 0) AS inserted"
+    ).format(target=identifier(table.name), cols=cols, source=source,
+             key=sql.SQL(", ").join(sql.Identifier(k) for k in table.key),
+             assignments=sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+                                            for c in data_cols),
+             current=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in compared),
+             incoming=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in compared))
+
+
+def _insert_missing_sql(table: TableSpec, source: sql.Composable) -> sql.Composable:
+    """`INSERT … SELECT … ON CONFLICT DO NOTHING`: a row another writer adds meanwhile is kept, never an error."""
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in table.column_names)
+    return sql.SQL(
+        "INSERT INTO {target} ({cols}) SELECT {cols} FROM {source}"
+        " ON CONFLICT ({key}) DO NOTHING RETURNING true AS inserted"
+    ).format(target=identifier(table.name), cols=cols, source=source,
+             key=sql.SQL(", ").join(sql.Identifier(k) for k in table.key))
 
 
 _TYPE_ALIASES = {

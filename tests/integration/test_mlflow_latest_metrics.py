@@ -32,15 +32,28 @@ def template():
     drop_db(name)
 
 
+def copy_of(template_name: str) -> str:
+    name = f"shuttle_lm_{os.getpid()}_{os.urandom(3).hex()}"
+    with _admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
+    return pg_url(name)
+
+
 @pytest.fixture
 def mlflow_db(template):
     """A fresh copy of the logged database: (url, dataset, latest_metrics as MLflow left it)."""
-    name = f"shuttle_lm_{os.getpid()}_{os.urandom(3).hex()}"
-    with _admin() as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template[0]}"')
-    url = pg_url(name)
+    url = copy_of(template[0])
     yield url, template[1], table(url)
-    drop_db(name)
+    drop_db(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def other_mlflow_db(template):
+    """A second copy with latest_metrics emptied: a target database other than the source."""
+    url = copy_of(template[0])
+    sql(url, "DELETE FROM latest_metrics")
+    yield url
+    drop_db(url.rsplit("/", 1)[1])
 
 
 def table(url: str) -> list[tuple]:
@@ -54,8 +67,8 @@ def sql(url: str, query: str, params: tuple = ()) -> list[tuple]:
         return cur.fetchall() if cur.description else []
 
 
-def run_all(url: str, selection: Selection = Selection(), **flags):
-    migration = LatestMetrics(url, url, LatestMetrics.plan_options(**flags))
+def run_all(url: str, selection: Selection = Selection(), target_url: str | None = None, **flags):
+    migration = LatestMetrics(url, target_url or url, LatestMetrics.plan_options(**flags))
     migration.prepare_target()
     chunks = list(migration.plan_chunks(selection, CHUNK_ROWS))
     outcomes = [migration.run_chunk(spec, lambda rows: None) for spec in chunks]
@@ -174,28 +187,44 @@ def test_nan_and_zero_tie_keeps_what_mlflow_kept_and_prefers_nan_when_rebuilt(ml
     assert sql(url, ties) == [("tie/nan_then_zero", 0.0, True), ("tie/zero_then_nan", 0.0, True)]
 
 
-def test_a_chunk_that_fails_while_writing_leaves_the_table_as_it_was(mlflow_db, monkeypatch):
-    from common.connectors.postgres import Sink
-
+def test_into_another_database_gives_the_same_table(mlflow_db, other_mlflow_db):
     url, data, saved = mlflow_db
-    sql(url, "UPDATE latest_metrics SET value = 42 WHERE key = 'lr'")
-    before = table(url)
-    migration = LatestMetrics(url, url, LatestMetrics.plan_options())
+    migration, _, outcomes = run_all(url, target_url=other_mlflow_db)
+    assert not migration.in_place
+    assert table(other_mlflow_db) == saved
+    assert sum(o.rows_read for o in outcomes) == data.metric_rows
+    assert written(outcomes) == {"inserted": data.pairs, "updated": 0, "unchanged": 0}
+    _, _, outcomes = run_all(url, target_url=other_mlflow_db)
+    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": data.pairs}
+
+
+def fail_after(url: str, rows: int) -> None:
+    """Make the target fail mid-statement: the row after `rows` written rows raises, as a lost disk would."""
+    sql(url, f"CREATE SEQUENCE written_rows; CREATE FUNCTION fail_after() RETURNS trigger LANGUAGE plpgsql AS $$"
+             f" BEGIN IF nextval('written_rows') > {rows} THEN RAISE EXCEPTION 'disk lost mid-chunk'; END IF;"
+             f" RETURN NEW; END $$; CREATE TRIGGER fail_after BEFORE INSERT OR UPDATE ON latest_metrics"
+             f" FOR EACH ROW EXECUTE FUNCTION fail_after()")
+
+
+@pytest.mark.parametrize("where", ["in place", "another database"])
+def test_a_chunk_that_fails_while_writing_leaves_the_table_as_it_was(mlflow_db, other_mlflow_db, where):
+    url, data, saved = mlflow_db
+    target = url if where == "in place" else other_mlflow_db
+    sql(target, "UPDATE latest_metrics SET value = 42 WHERE key = 'lr'")
+    sql(target, "DELETE FROM latest_metrics WHERE key = 'loss'")
+    before = table(target)
+    migration = LatestMetrics(url, target, LatestMetrics.plan_options())
+    assert migration.in_place == (where == "in place")
     chunks = list(migration.plan_chunks(Selection(), CHUNK_ROWS))
-    original = Sink._stage
-
-    def stage_then_fail(cur, spec, rows):
-        original(cur, spec, rows)
-        raise RuntimeError("connection lost mid-chunk")
-
-    monkeypatch.setattr(Sink, "_stage", staticmethod(stage_then_fail))
-    with pytest.raises(RuntimeError):
+    fail_after(target, 3)
+    with pytest.raises(psycopg.errors.RaiseException, match="disk lost mid-chunk"):
         migration.run_chunk(chunks[0], lambda rows: None)
-    assert table(url) == before
-    monkeypatch.undo()
+    assert sql(target, "SELECT last_value > 3 FROM written_rows") == [(True,)], "the chunk had begun writing"
+    assert table(target) == before
+    sql(target, "DROP TRIGGER fail_after ON latest_metrics")
     for spec in chunks:
         migration.run_chunk(spec, lambda rows: None)
-    assert table(url) == saved
+    assert table(target) == saved
     migration.close()
 
 
