@@ -7,6 +7,7 @@ command-line flags. Unknown keys and wrong types are configuration errors that n
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,17 @@ def from_reference_layout(data: dict[str, Any], path: Path) -> dict[str, Any]:
     return out
 
 
+CONFIG_ENV = "SHUTTLE_CONFIG"
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings once: environment, then the config file, then non-None flag overrides."""
+    """Build the settings once: environment, then the config file, then non-None flag overrides.
+
+    Without an explicit file, `SHUTTLE_CONFIG` may name one: that is how workers, which take no flags,
+    learn the per-migration URLs (and their passwords) of `[migrations.NAME]` sections.
+    """
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:

@@ -35,6 +35,22 @@ def test_precedence_env_then_file_then_flags(tmp_path, monkeypatch):
     assert load_settings(config, chunk_rows=333).chunk_rows == 333
 
 
+def test_shuttle_config_names_the_file_of_a_process_without_flags(tmp_path, monkeypatch):
+    """Workers take no --config: SHUTTLE_CONFIG gives them the per-migration URLs and passwords."""
+    config = tmp_path / "workers.toml"
+    config.write_text('[migrations.mlflow-to-mongo]\ntarget_url = "mongodb://u:pw@mongo:27017/mlflow"\n')
+    monkeypatch.setenv("SHUTTLE_CONFIG", str(config))
+    settings = load_settings()
+    assert settings.urls_for("mlflow-to-mongo")[1] == "mongodb://u:pw@mongo:27017/mlflow"
+    assert "mongodb://u:pw@mongo:27017/mlflow" in settings.known_urls()
+    explicit = tmp_path / "explicit.toml"
+    explicit.write_text("chunk_rows = 7\n")
+    assert load_settings(explicit).migrations == {}, "an explicit --config wins over SHUTTLE_CONFIG"
+    monkeypatch.setenv("SHUTTLE_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="missing.toml: cannot be read"):
+        load_settings()
+
+
 def test_config_file_unknown_key_and_wrong_type_are_named(tmp_path):
     config = tmp_path / "shuttle.json"
     config.write_text(json.dumps({"chunk_rowz": 5}))
