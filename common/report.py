@@ -30,8 +30,10 @@ def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[s
     for g in groups:
         rejected_by_partition[g["partition"]] = rejected_by_partition.get(g["partition"], 0) + g["rows_rejected"]
     finished = progress.finished
-    checks = migration.verify(Selection.from_dict(run.selection), partitions, rejected_by_partition) \
-        if finished else []
+    checks = []
+    if finished:
+        migration.finish_target()  # e.g. indexes built after the load; verify then sees them
+        checks = migration.verify(Selection.from_dict(run.selection), partitions, rejected_by_partition)
 
     rows = []
     by_key = {(g["entity"], g["partition"]): g for g in groups}

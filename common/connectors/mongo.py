@@ -2,11 +2,19 @@
 
 Documents, not rows: the `Sink` ABC is shaped for tables (a TableSpec and tuples); a MongoDB target
 holds documents with sub-documents and no fixed columns, so this sink adds `upsert_documents`, keyed
-on `_id` only. Every write is an unordered `bulk_write` of `ReplaceOne(upsert=True)` by `_id` in
-batches of at least 1,000 documents (DESIGN §5/§6: the only upsert form that is fast on every server
-we test with). Before writing, the documents already present with the same `_id`s are read back, and
-identical ones are not rewritten: a re-run writes nothing and counts them as unchanged, whatever the
-server reports as "modified" (nx-27017 reports every matched replacement as modified).
+on `_id` only. Every write is an unordered `bulk_write` in batches of at least 1,000 documents (DESIGN
+§5/§6). Before writing, the documents already present with the same `_id`s are read back; then
+
+  - identical ones are not rewritten: a re-run writes nothing and counts them as unchanged, whatever the
+    server reports as "modified" (nx-27017 reports every matched replacement as modified);
+  - absent ones are inserted (`InsertOne`): an insert is the cheapest write a server has, where an upsert
+    first looks the `_id` up (measured +27% on nx-27017, ops/bench/RESULTS.md);
+  - present but changed ones are replaced whole by `_id` (`ReplaceOne(upsert=True)`).
+
+An insert that collides on a duplicate key (code 11000) means the document appeared between the read and
+the write (a redelivered copy of the same chunk running concurrently, another writer). Those documents,
+and only those, are read again and written as `ReplaceOne` upserts, so the target ends exact and the
+counts say what this call really changed.
 
 A document that cannot be stored (over 16 MB, a key starting with `$`, containing `.` or NUL, or one
 the server refuses) becomes a `Reject` with its reason; the rest of the batch is written.
@@ -22,9 +30,9 @@ from urllib.parse import urlsplit
 
 import bson
 import pymongo
-from pymongo import ReplaceOne
-from pymongo.errors import (AutoReconnect, BulkWriteError, ConnectionFailure, NetworkTimeout, PyMongoError,
-                            ServerSelectionTimeoutError)
+from pymongo import InsertOne, ReplaceOne
+from pymongo.errors import (AutoReconnect, BulkWriteError, ConnectionFailure, NetworkTimeout, OperationFailure,
+                            PyMongoError, ServerSelectionTimeoutError)
 
 from common.connectors.base import Row, TableSpec
 from common.connectors.base import Sink as BaseSink
@@ -34,6 +42,7 @@ from common.urls import mask
 
 MIN_BATCH = 1_000
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+DUPLICATE_KEY = 11000
 _TRANSIENT = (AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError, ConnectionFailure)
 
 
@@ -104,6 +113,7 @@ class Sink(BaseSink):
         self._timeout_ms = timeout_ms
         # A ready client may be handed in (the tests' in-process mongomock); otherwise opened on first use.
         self._client: pymongo.MongoClient | None = client
+        self._nx: bool | None = None  # the target is the nx-27017 stand-in (see index_gap)
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -144,6 +154,47 @@ class Sink(BaseSink):
 
     def _write_batch(self, collection: str, documents: Sequence[dict[str, Any]], entity: str,
                      result: DocumentWrite) -> None:
+        storable = self._storable(documents, entity, result)
+        if not storable:
+            return
+        target = self.db[collection]
+        with translate_errors(f"target {self.public_url}"):
+            existing = self._existing(target, storable)
+            changed = self._changed(storable, existing, result)
+            inserts = [d for d in changed if _hashable(d["_id"]) not in existing]
+            replaces = [d for d in changed if _hashable(d["_id"]) in existing]
+            errors = self._bulk(target, [InsertOne(d) for d in inserts] + [_replace(d) for d in replaces])
+            collided = []
+            for index, doc in enumerate(inserts):
+                error = errors.get(index)
+                if error is None:
+                    result.counts.inserted += 1
+                elif error.get("code") == DUPLICATE_KEY:
+                    collided.append(doc)
+                else:
+                    result.rejects.append(_refused(entity, doc, error))
+            for index, doc in enumerate(replaces, start=len(inserts)):
+                self._count_replace(doc, errors.get(index), entity, result)
+            if collided:
+                self._write_collided(target, collided, entity, result)
+
+    def _write_collided(self, target, documents: list[dict[str, Any]], entity: str, result: DocumentWrite) -> None:
+        """Documents whose insert hit a duplicate key: read again, then replaced by `_id` unless identical.
+
+        Once only: a replace by `_id` cannot collide on `_id`, so a second duplicate-key error comes from
+        another unique index and the document is a reject with the server's reason."""
+        existing = self._existing(target, documents)
+        changed = self._changed(documents, existing, result)
+        errors = self._bulk(target, [_replace(d) for d in changed])
+        for index, doc in enumerate(changed):
+            if errors.get(index) is None and _hashable(doc["_id"]) not in existing:
+                result.counts.inserted += 1  # gone again since the insert collided: the upsert inserted it
+            else:
+                self._count_replace(doc, errors.get(index), entity, result)
+
+    @staticmethod
+    def _storable(documents: Sequence[dict[str, Any]], entity: str, result: DocumentWrite) -> list[dict[str, Any]]:
+        """The documents MongoDB can store; the others become rejects with the reason."""
         storable = []
         for doc in documents:
             reason = invalid_key(doc)
@@ -155,41 +206,93 @@ class Sink(BaseSink):
                 result.rejects.append(Reject(entity, _key_text(doc), reason, _excerpt(doc)))
             else:
                 storable.append(doc)
-        if not storable:
-            return
-        target = self.db[collection]
-        with translate_errors(f"target {self.public_url}"):
-            existing = {_hashable(d["_id"]): d for d in target.find({"_id": {"$in": [d["_id"] for d in storable]}})}
-            changed = [d for d in storable if _hashable(d["_id"]) not in existing
-                       or not same(existing[_hashable(d["_id"])], d)]
-            result.counts.unchanged += len(storable) - len(changed)
-            if not changed:
-                return
-            failed: dict[int, str] = {}
-            try:
-                target.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in changed], ordered=False)
-            except BulkWriteError as exc:
-                for error in exc.details.get("writeErrors", []):
-                    failed[error["index"]] = f"MongoDB refused the document: {error.get('errmsg', '')} " \
-                                             f"(code {error.get('code')})"
-        for index, doc in enumerate(changed):
-            if index in failed:
-                result.rejects.append(Reject(entity, _key_text(doc), failed[index], _excerpt(doc)))
-            elif _hashable(doc["_id"]) in existing:
-                result.counts.updated += 1
-            else:
-                result.counts.inserted += 1
+        return storable
 
-    def ensure_indexes(self, collection: str, indexes: Sequence[Index]) -> None:
-        """Create the collection's indexes if missing; creating an existing index is a no-op."""
+    @staticmethod
+    def _existing(target, documents: Sequence[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+        """The stored documents with the same `_id`s, by `_id` (one query per batch)."""
+        return {_hashable(d["_id"]): d for d in target.find({"_id": {"$in": [d["_id"] for d in documents]}})}
+
+    @staticmethod
+    def _changed(documents: Sequence[dict[str, Any]], existing: Mapping[Any, dict[str, Any]],
+                 result: DocumentWrite) -> list[dict[str, Any]]:
+        """The documents to write: absent or different from what is stored; identical ones counted unchanged."""
+        changed = [d for d in documents if _hashable(d["_id"]) not in existing
+                   or not same(existing[_hashable(d["_id"])], d)]
+        result.counts.unchanged += len(documents) - len(changed)
+        return changed
+
+    @staticmethod
+    def _bulk(target, requests: list) -> dict[int, dict[str, Any]]:
+        """One unordered bulk write; the per-document errors by request index (the rest were written)."""
+        if not requests:
+            return {}
+        try:
+            target.bulk_write(requests, ordered=False)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise TransientError(f"write concern not satisfied: {exc.details['writeConcernErrors'][0]}") from None
+            return {error["index"]: error for error in exc.details.get("writeErrors", [])}
+        return {}
+
+    @staticmethod
+    def _count_replace(doc: dict[str, Any], error: dict[str, Any] | None, entity: str, result: DocumentWrite) -> None:
+        if error is None:
+            result.counts.updated += 1
+        else:
+            result.rejects.append(_refused(entity, doc, error))
+
+    def ensure_collection(self, collection: str) -> None:
+        """Create the collection if missing (its `_id` index comes with it); idempotent across workers."""
         with translate_errors(f"target {self.public_url}"):
             if collection not in self.db.list_collection_names():
                 try:
                     self.db.create_collection(collection)
                 except pymongo.errors.CollectionInvalid:
                     pass  # another worker created it first
+
+    def ensure_indexes(self, collection: str, indexes: Sequence[Index]) -> dict[Index, str]:
+        """Create the collection and its missing indexes; creating an existing index is a no-op.
+
+        Returns the indexes the server refused to build, with its reason: a unique index over documents
+        that hold duplicates, or an index that exists with other options. The caller decides what that
+        means (a failed check, not an exception: every other index is still built). Connection failures
+        raise TransientError."""
+        self.ensure_collection(collection)
+        refused: dict[Index, str] = {}
+        with translate_errors(f"target {self.public_url}"):
             for index in indexes:
-                self.db[collection].create_index(list(index.keys), unique=index.unique)
+                try:
+                    self.db[collection].create_index(list(index.keys), unique=index.unique)
+                except OperationFailure as exc:
+                    refused[index] = _first_line(exc)
+        return refused
+
+    def index_gap(self, index: Index) -> str | None:
+        """Why this server cannot build `index` when that is a known gap of a stand-in, else None.
+
+        nx-27017 names a single-field index `idx_<collection>_<field>`, so one on a field called `id` gets
+        the name of its hidden `_id` index: `create_index` answers ok, builds nothing and lists nothing.
+        A real MongoDB has no such gap; nx-27017 names itself in `buildInfo` (`process: nx_27017`)."""
+        if len(index.keys) == 1 and index.keys[0][0] == "id" and self._is_nx_27017():
+            return "not buildable on nx-27017 (an index on a field named `id` collides with its `_id` index)"
+        return None
+
+    def _is_nx_27017(self) -> bool:
+        if self._nx is None:
+            with translate_errors(f"target {self.public_url}"):
+                try:
+                    self._nx = self.client.admin.command("buildInfo").get("process") == "nx_27017"
+                except OperationFailure:
+                    self._nx = False
+        return self._nx
+
+    def indexes(self, collection: str) -> list[Index]:
+        """The collection's indexes as the server lists them (`_id` included)."""
+        with translate_errors(f"target {self.public_url}"):
+            info = self.db[collection].index_information()
+        return [Index(tuple((field, int(direction)) for field, direction in spec["key"]), bool(spec.get("unique")))
+                for spec in info.values()]
 
     # -- reads for verification ------------------------------------------------------------------
 
@@ -217,7 +320,9 @@ class Sink(BaseSink):
         return written.counts
 
     def ensure_table(self, table: TableSpec) -> None:
-        self.ensure_indexes(table.name, [Index(tuple((k, 1) for k in table.key), unique=True)])
+        refused = self.ensure_indexes(table.name, [Index(tuple((k, 1) for k in table.key), unique=True)])
+        if refused:
+            raise DataError(f"cannot build the unique key index of {table.name}: {next(iter(refused.values()))}")
 
 
 class translate_errors:
@@ -233,6 +338,15 @@ class translate_errors:
         if exc is not None and isinstance(exc, _TRANSIENT):
             raise TransientError(f"{self.what}: {_first_line(exc)}") from None
         return False
+
+
+def _replace(doc: dict[str, Any]) -> ReplaceOne:
+    return ReplaceOne({"_id": doc["_id"]}, doc, upsert=True)
+
+
+def _refused(entity: str, doc: dict[str, Any], error: Mapping[str, Any]) -> Reject:
+    reason = f"MongoDB refused the document: {error.get('errmsg', '')} (code {error.get('code')})"
+    return Reject(entity, _key_text(doc), reason, _excerpt(doc))
 
 
 def _hashable(value: Any) -> Any:

@@ -96,6 +96,14 @@ class Migration(ABC):
     def prepare_target(self) -> None:
         """Create target tables idempotently; refuse a conflicting existing schema."""
 
+    def finish_target(self) -> None:
+        """Work on the target once every chunk has ended, before verification: e.g. building indexes
+        that would slow every chunk's writes down if they existed during the load.
+
+        Called by the coordinator (and every other path that builds a finished run's report), so it may
+        run more than once: it must be idempotent. A TransientError is retried like the rest of the
+        finalize step; a problem with the data must show in `verify`'s checks, not pass silently."""
+
     @abstractmethod
     def run_chunk(self, spec: ChunkSpec, progress: ProgressCallback) -> ChunkOutcome:
         """Read the chunk's range, transform, upsert; rows that cannot be migrated become rejects."""

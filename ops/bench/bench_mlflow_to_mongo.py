@@ -10,8 +10,10 @@ Per repeat, interleaved so noise hits every method alike, each into a fresh Mong
              `insert_many` of 1,000 documents, no keys (ObjectId `_id`), no indexes, no verification;
   ceiling    the server's own ceiling: the Shuttle documents, pre-built and pre-encoded before the clock
              starts, bulk-upserted by `_id` (unordered `ReplaceOne(upsert=True)`, batches of 1,000) from 2
-             processes into collections with Shuttle's indexes; no reading, no transforming;
-  shuttle-1  `start_run` → report in the ledger, 1 local worker process (keyed, idempotent, verified);
+             processes into collections with only `_id`; no reading, no transforming;
+  ceiling-idx the same into collections whose indexes exist before the clock starts (information);
+  shuttle-1  `start_run` → report in the ledger, 1 local worker process (keyed, idempotent, verified;
+             the indexes are built after the chunks, before verification, and timed);
   shuttle-2  the same with 2 worker processes.
 Then once: worker peak memory (VmHWM of each worker's process group) of a 2-worker run at --memory-rows,
 compared with the 2-worker runs at --rows. Rows/s are source rows of every table / wall seconds.
@@ -20,7 +22,8 @@ The source is an MLflow database whose schema MLflow's client created, filled in
 `build_bulk` (runs, metrics) plus params and tags generated the same way. MongoDB: nx-27017 started
 here on a free port (tests/mongo_server.NxServer), or the real server at SHUTTLE_TEST_MONGO_URI.
 Own places only: databases `shuttle_m2mbench_<pid>_*` (dropped at the end unless --keep), Redis DB 7
-(SHUTTLE_TEST_REDIS_DB) with queue `shuttle-m2mbench-<pid>`, MongoDB databases `m2mbench_<pid>_*` (dropped).
+(`--redis-db`, else SHUTTLE_TEST_REDIS_DB) with queue `shuttle-m2mbench-<pid>`, MongoDB databases
+`m2mbench_<pid>_*` (dropped).
 """
 
 from __future__ import annotations
@@ -206,10 +209,11 @@ def _ceiling_writer(uri: str, share: int, processes: int, ready, go, done) -> No
 
 
 def run_ceiling(source_url: str, target_uri: str, indexes: bool, processes: int = 2) -> dict[str, Any]:
-    if indexes:  # the collections and indexes Shuttle's run creates first (prepare_target), not timed
+    if indexes:  # the collections and every index of Shuttle's contract, before the load, not timed
         migration = MlflowToMongo(source_url, target_uri, MlflowToMongo.plan_options())
         try:
             migration.prepare_target()
+            migration.finish_target()
         finally:
             migration.close()
     context = multiprocessing.get_context("fork")
@@ -258,8 +262,8 @@ def shuttle_run(settings: Settings, ledger: Ledger, workers: int, chunk_rows: in
 
 def profile(source_url: str, mongo_uri: str, pid: int, rows: int) -> list[str]:
     """The metrics table (its first partitions, up to `rows` rows) migrated in-process, the sink's calls
-    timed: into collections with Shuttle's indexes (fresh, then a re-run over the same documents), and
-    into collections with only `_id`, the same indexes built afterwards."""
+    timed: into collections whose indexes exist before the load (fresh, then a re-run over the same
+    documents), and as a run does it: collections with only `_id`, the indexes built afterwards."""
     from common.model import ChunkSpec
 
     timers = {"find existing": 0.0, "bulk_write": 0.0}
@@ -295,9 +299,11 @@ def profile(source_url: str, mongo_uri: str, pid: int, rows: int) -> list[str]:
                     break
                 specs.append(ChunkSpec("metrics", partition, "", "", n))
                 planned += n
+            migration.prepare_target()
             if indexed:
-                migration.prepare_target()
-            passes = ("fresh, Shuttle's indexes", "re-run (documents present)") if indexed else ("fresh, `_id` only",)
+                migration.finish_target()
+            passes = ("fresh, indexes built before", "re-run (documents present)") if indexed \
+                else ("fresh, `_id` only (as a run does)",)
             for label in passes:
                 timers.update({k: 0.0 for k in timers})
                 t = time.perf_counter()
@@ -308,8 +314,8 @@ def profile(source_url: str, mongo_uri: str, pid: int, rows: int) -> list[str]:
                              f"{timers['find existing']:.2f} | {timers['bulk_write']:.2f} | {other:.2f} |")
             if not indexed:
                 t = time.perf_counter()
-                migration.prepare_target()
-                lines.append(f"| … then the same indexes built on the filled collection | {read:,} | "
+                migration.finish_target()
+                lines.append(f"| … then the indexes built on the filled collection (`finish_target`) | {read:,} | "
                              f"{time.perf_counter() - t:.2f} | | | | |")
             migration.close()
             client.drop_database(urlsplit(target).path.lstrip("/"))
@@ -336,7 +342,7 @@ def render(args, server: str, tables: dict[str, int], results: dict[str, list[di
              + "; Shuttle's own documents (same `_id`s and fields), BSON-encoded before the clock starts; `_id` "
                "index only",
              "ceiling-idx": "documents " + ", ".join(f"{r['documents']:,}" for r in results["ceiling-idx"])
-             + "; indexes created before the clock starts, as `prepare_target` does"}
+             + "; Shuttle's indexes created before the clock starts (a run builds them after its chunks)"}
     for label in ("shuttle-1", "shuttle-2", "rerun"):
         r = results[label]
         notes[label] = (f"{r[0]['chunks']} chunks; plan {statistics.median(x['plan_s'] for x in r):.1f}s; chunk phase "
@@ -365,8 +371,9 @@ def render(args, server: str, tables: dict[str, int], results: dict[str, list[di
         "steps per run, ~2% NaN, some ±Inf), params (3 per run) and tags (2 per run) generated in PostgreSQL "
         f"straight into MLflow's tables. chunk_rows {chunk_rows:,}, batch 1,000. Repeats: {args.repeats}, methods "
         "interleaved in the order listed, each into a fresh MongoDB database. Shuttle is timed from `start_run` "
-        "until the report is in the ledger (planning, indexes, all chunks, the coordinator's verification: counts "
-        "per collection and partition, references, a sample); worker start-up is not timed. Load average (1 min) "
+        "until the report is in the ledger (planning, all chunks, the coordinator's index build and verification: "
+        "indexes, counts per collection and partition, references, a sample); worker start-up is not timed. Load "
+        "average (1 min) "
         f"before / after: {load[0]:.2f} / {load[-1]:.2f} on {m['nproc']} CPUs.", "",
         f"> Targets: {TARGETS}", "",
         *table, "",
@@ -404,13 +411,15 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=None, help="default: the settings' chunk_rows")
     parser.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL databases afterwards")
+    parser.add_argument("--redis-db", type=int, default=int(os.environ.get("SHUTTLE_TEST_REDIS_DB", "7")),
+                        help="Redis database of the broker (default: SHUTTLE_TEST_REDIS_DB, else 7)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to append the section to")
     parser.add_argument("--log-dir", type=Path, default=Path(f"/tmp/shuttle-m2mbench-{os.getpid()}"))
     args = parser.parse_args()
     pid = os.getpid()
     prefix = f"shuttle_m2mbench_{pid}"
     source_url, ledger_url = f"{PG}/{prefix}_src", f"{PG}/{prefix}_ledger"
-    broker = f"redis://127.0.0.1:6379/{os.environ.get('SHUTTLE_TEST_REDIS_DB', '7')}"
+    broker = f"redis://127.0.0.1:6379/{args.redis_db}"
     queue = f"shuttle-m2mbench-{pid}"
     settings = load_settings(source_url=source_url, ledger_url=ledger_url, broker_url=broker,
                              result_backend=broker, queue=queue)

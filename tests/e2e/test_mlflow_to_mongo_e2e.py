@@ -82,6 +82,8 @@ def test_clean_run_every_table_counted_and_checked(m2m, baseline):
         assert mongo[table].count_documents({}) == m2m.sql(f"SELECT count(*) FROM {table}")[0][0], table
     entities = {c["entity"] for c in baseline["checks"]}
     assert {"metrics(run_uuid) → runs", "runs(experiment_id) → experiments", "metrics (sample)"} <= entities
+    assert {f"{table} (indexes)" for table in source_tables} <= entities  # built by the coordinator, then checked
+    assert ["run_uuid", "key", "step"] in [[f for f, _ in i["key"]] for i in mongo["metrics"].index_information().values()]
     assert all(c["ok"] for c in baseline["checks"])
     assert baseline["totals"]["rows_rejected"] == 0
     printed = m2m.shuttle("report", baseline["run_id"])
@@ -119,6 +121,20 @@ def test_two_experiments_only(m2m, baseline):
     assert mongo["metrics"].count_documents({}) == m2m.sql(
         "SELECT count(*) FROM metrics m JOIN runs r USING (run_uuid) WHERE r.experiment_id::text IN (%s, %s)", (a, b))[0][0]
     assert mongo["model_versions"].count_documents({}) == 0
+
+
+def test_duplicates_under_a_unique_index_fail_the_run(m2m, baseline):
+    """A key-less copy of a run already in the target (what the reference tool leaves behind): the unique
+    primary-key index the coordinator builds after the load is refused, and the verdict says so."""
+    experiment = m2m.data.experiment_ids[1]
+    run_uuid = m2m.data.run_ids[experiment][0]
+    db(m2m, "dups")["runs"].insert_one({"run_uuid": run_uuid, "experiment_id": int(experiment)})
+    code, report = run(m2m, "dups", "--experiment-ids", experiment)
+    assert code == 1 and report["verdict"] == "failed", report["verdict_reason"]
+    bad = [c for c in report["checks"] if not c["ok"]]
+    assert [c["entity"] for c in bad] == ["runs (indexes)"]
+    assert "unique index (run_uuid) could not be built" in bad[0]["detail"]
+    assert "unique index (run_uuid) could not be built" in report["verdict_reason"]
 
 
 def test_dry_run_writes_nothing(m2m):

@@ -27,6 +27,7 @@ def migrate(source_url, target_url, selection=Selection(), chunk_rows=2_000, **f
     chunks = list(migration.plan_chunks(selection, chunk_rows))
     migration.prepare_target()
     outcomes = [migration.run_chunk(spec, lambda rows: None) for spec in chunks]
+    migration.finish_target()  # as the coordinator does once every chunk has ended
     return migration, counts, chunks, outcomes
 
 
@@ -127,6 +128,7 @@ def test_verification_is_clean(migrated):
     checks = migration.verify(Selection(), partitions, {})
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
     entities = {c.entity for c in checks}
+    assert {f"{table} (indexes)" for table in migration.tables} <= entities
     assert {"runs(experiment_id) → experiments", "metrics(run_uuid) → runs", "params(run_uuid) → runs",
             "tags(run_uuid) → runs", "model_versions(workspace, name) → registered_models"} <= entities
     assert {"metrics (sample)", "runs (sample)", "model_versions (sample)"} <= entities
@@ -135,10 +137,61 @@ def test_verification_is_clean(migrated):
 def test_a_second_run_changes_nothing(migrated):
     url, data, migration, counts, chunks, outcomes, db = migrated
     before = collection_checksums(db)
+    indexes = {name: db[name].index_information() for name in db.list_collection_names()}
+    migration.prepare_target()  # over the indexed target, as a re-run does
     again = [migration.run_chunk(spec, lambda rows: None) for spec in chunks]
+    migration.finish_target()
     assert sum(o.totals().written for o in again) == 0
     assert sum(o.totals().unchanged for o in again) == sum(o.rows_read for o in outcomes)
     assert collection_checksums(db) == before
+    assert {name: db[name].index_information() for name in db.list_collection_names()} == indexes
+    checks = migration.verify(Selection(), sorted({p.partition for p in counts}), {})
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+def test_the_indexes_are_built_after_the_load_and_checked(mlflow_source, mongo_uri, mongo_db_name):
+    """During the chunks a collection has only `_id`; `finish_target` builds every index of the contract
+    (unique primary keys, foreign keys, query paths), and verification fails while one is missing."""
+    url, data = mlflow_source
+    a = data.experiment_ids[0]
+    migration = MlflowToMongo(url, f"{mongo_uri}/{mongo_db_name}", MlflowToMongo.plan_options())
+    migration.count_partitions(Selection(partitions=(a,)))
+    migration.prepare_target()
+    db = pymongo.MongoClient(mongo_uri)[mongo_db_name]
+    assert set(migration.tables) <= set(db.list_collection_names())
+    for spec in migration.plan_chunks(Selection(partitions=(a,)), 2_000):
+        migration.run_chunk(spec, lambda rows: None)
+        assert [tuple(i["key"]) for i in db[spec.entity].index_information().values()] == [(("_id", 1),)]
+    missing = [c for c in migration.verify(Selection(partitions=(a,)), [a], {}) if not c.ok]
+    assert {"metrics (indexes)", "runs (indexes)"} <= {c.entity for c in missing}
+    assert "unique index (run_uuid) missing" in next(c.detail for c in missing if c.entity == "runs (indexes)")
+    migration.finish_target()
+    checks = migration.verify(Selection(partitions=(a,)), [a], {})
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    for name, wanted in migration.indexes().items():
+        listed = {(tuple(f for f, _ in i.keys), i.unique) for i in migration.sink.indexes(name)}
+        for index in wanted:
+            if not migration.sink.index_gap(index):
+                assert (tuple(f for f, _ in index.keys), index.unique) in listed, (name, index)
+    migration.close()
+
+
+def test_duplicates_under_a_unique_primary_key_fail_verification(fresh_db, mongo_uri, mongo_db_name):
+    """A target that already holds a key-less copy of a row (what the reference tool writes): the unique
+    primary-key index cannot be built after the load, and the run must not pass silently."""
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute("CREATE TABLE experiments (experiment_id int PRIMARY KEY, name text)")
+        conn.execute("INSERT INTO experiments VALUES (0, 'Default'), (1, 'churn'), (2, 'fraud')")
+    db = pymongo.MongoClient(mongo_uri)[mongo_db_name]
+    db["experiments"].insert_one({"experiment_id": 1, "name": "churn"})  # an ObjectId `_id`
+    migration, counts, chunks, outcomes = migrate(fresh_db, f"{mongo_uri}/{mongo_db_name}")
+    assert sum(o.totals().inserted for o in outcomes) == 3
+    checks = migration.verify(Selection(), ["global", "0", "1", "2"], {})
+    bad = [c for c in checks if not c.ok]
+    assert [c.entity for c in bad] == ["experiments (indexes)"]
+    assert "unique index (experiment_id) could not be built" in bad[0].detail
+    assert ("name",) in [tuple(f for f, _ in i.keys) for i in migration.sink.indexes("experiments")]
+    migration.close()
 
 
 def test_two_experiments_migrate_only_their_runs_and_children(mlflow_source, mongo_uri, mongo_db_name):

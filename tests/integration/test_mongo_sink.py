@@ -1,11 +1,16 @@
 """The MongoDB sink's contract, run against mongomock (in-process) and a server (nx-27017, or the real
 MongoDB of SHUTTLE_TEST_MONGO_URI): idempotent `_id` upserts with exact counts, int64 and sub-documents
-kept, per-document rejects with the rest written, idempotent indexes, transient errors, masked URLs."""
+kept, per-document rejects with the rest written, inserts for absent documents and replaces for changed ones,
+duplicate-key collisions (a concurrent writer) retried as replaces with exact counts, idempotent indexes,
+refused indexes reported, transient errors, masked URLs."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from bson.int64 import Int64
+from pymongo import InsertOne, ReplaceOne
 
 from common.connectors import open_sink
 from common.connectors.base import Column, TableSpec
@@ -64,6 +69,55 @@ class SinkContract:
         sink.upsert_documents("model_versions", [{"_id": "m/1", "name": "m", "version": 1}])
         result = sink.upsert_documents("model_versions", [{"_id": "m/1b", "name": "m", "version": 1}])
         assert len(result.rejects) == 1 and "refused" in result.rejects[0].reason
+        assert result.counts.as_dict() == {"inserted": 0, "updated": 0, "unchanged": 0}
+        assert sink.count("model_versions") == 1
+
+    def test_absent_documents_are_inserted_and_only_changed_ones_replaced(self, sink, monkeypatch):
+        sent: list[list[type]] = []
+        bulk = sink._bulk
+
+        def spy(target, requests):
+            sent.append([type(r) for r in requests])
+            return bulk(target, requests)
+
+        monkeypatch.setattr(sink, "_bulk", spy)
+        docs = [{"_id": i, "v": i} for i in range(1_500)]
+        sink.upsert_documents("t", docs)
+        assert [set(batch) for batch in sent] == [{InsertOne}, {InsertOne}] and sum(map(len, sent)) == 1_500
+        sent.clear()
+        result = sink.upsert_documents("t", [dict(docs[0], v=-1), docs[1], {"_id": "new", "v": 0}])
+        assert sent == [[InsertOne, ReplaceOne]]
+        assert result.counts.as_dict() == {"inserted": 1, "updated": 1, "unchanged": 1}
+        assert sink.find("t", {"_id": 0}) == [{"_id": 0, "v": -1}]
+
+    def test_a_document_written_between_the_read_and_the_write_is_replaced_not_refused(self, sink, monkeypatch):
+        """Another writer stores three of the batch's documents after the sink read: their inserts hit
+        duplicate keys and are redone as replaces; the counts say what this call changed."""
+        docs = [{"_id": i, "v": i} for i in range(1_200)]
+        existing = sink._existing
+        other = sink.db["t"]
+
+        def read_then_someone_writes(target, documents):
+            found = existing(target, documents)
+            if not hasattr(read_then_someone_writes, "done"):
+                read_then_someone_writes.done = True
+                other.insert_many([{"_id": 5, "v": 5}, {"_id": 6, "v": "theirs"}, {"_id": 7, "v": "theirs", "x": 1}])
+            return found
+
+        monkeypatch.setattr(sink, "_existing", read_then_someone_writes)
+        result = sink.upsert_documents("t", docs)
+        assert not result.rejects
+        assert result.counts.as_dict() == {"inserted": 1_197, "updated": 2, "unchanged": 1}
+        assert sink.count("t") == 1_200
+        assert sink.find("t", {"_id": 6}) == [{"_id": 6, "v": 6}] and sink.find("t", {"_id": 7}) == [{"_id": 7, "v": 7}]
+
+    def test_a_unique_index_over_duplicates_is_refused_and_the_others_built(self, sink):
+        sink.upsert_documents("runs", [{"_id": i, "run_uuid": f"r{i // 2}", "x": i} for i in range(4)])
+        unique, plain = Index((("run_uuid", 1),), unique=True), Index((("x", 1),))
+        refused = sink.ensure_indexes("runs", [unique, plain])
+        assert list(refused) == [unique] and refused[unique]
+        listed = {(i.keys[0][0], i.unique) for i in sink.indexes("runs")}
+        assert ("x", False) in listed and ("run_uuid", True) not in listed
 
     def test_table_shaped_upsert_keys_documents_on_the_table_key(self, sink):
         table = TableSpec("kv", (Column("k", "text"), Column("n", "int8")), key=("k",))
@@ -92,6 +146,45 @@ class TestServer(SinkContract):
         sink = open_sink(f"{mongo_uri}/{mongo_db_name}")
         yield sink
         sink.close()
+
+    @pytest.fixture
+    def twin(self, mongo_uri, mongo_db_name):
+        """A second sink with its own connection to the same database, as another worker has."""
+        twin = open_sink(f"{mongo_uri}/{mongo_db_name}")
+        yield twin
+        twin.close()
+
+    def test_two_sinks_writing_the_same_batch_at_once_store_it_once(self, sink, twin, monkeypatch):
+        """A redelivered chunk running alongside the first delivery: both read before either writes, so
+        both insert; every document is stored once, inserted by one and unchanged for the other. Server
+        only: mongomock is not safe for two threads (its duplicate check and insert are not atomic)."""
+        docs = [{"_id": i, "run_uuid": f"r{i % 7}", "step": Int64(i)} for i in range(1_000)]
+        both_read = threading.Barrier(2, timeout=30)
+
+        def wait_after_first_read(s):
+            existing, waited = s._existing, []
+
+            def read(target, documents):
+                found = existing(target, documents)
+                if not waited:
+                    waited.append(True)
+                    both_read.wait()
+                return found
+            return read
+
+        for s in (sink, twin):
+            monkeypatch.setattr(s, "_existing", wait_after_first_read(s))
+        results = {}
+        threads = [threading.Thread(target=lambda s=s: results.setdefault(id(s), s.upsert_documents("t", docs)))
+                   for s in (sink, twin)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(results) == 2 and not any(r.rejects for r in results.values())
+        totals = [sum(r.counts.as_dict()[k] for r in results.values()) for k in ("inserted", "updated", "unchanged")]
+        assert totals == [1_000, 0, 1_000]
+        assert sink.count("t") == 1_000 and sink.find("t", {"_id": 999}) == [docs[999]]
 
 
 def test_unreachable_server_is_named_with_the_password_masked():
