@@ -133,10 +133,8 @@ class PostgresTargetCase(Case):
             f"SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {name}.{table} t")[0][0]
             for table in self.target_tables)
 
-    def count_rows(self, name: str) -> dict[str, int]:
+    def target_rows(self, name: str) -> dict[str, int]:
         return {table: self.env.sql(f"SELECT count(*) FROM {name}.{table}")[0][0] for table in self.target_tables}
-
-    target_rows = count_rows
 
     @contextmanager
     def hold_writes(self, name: str) -> Iterator[None]:
@@ -171,7 +169,7 @@ class PostgresTargetCase(Case):
 class ModmonCase(PostgresTargetCase):
     migration = "modmon"
     chunk_rows = 4000
-    small_chunk_rows = 300
+    small_chunk_rows = 1000
     target_tables = ("prediction_stats_hourly", "feature_drift_hourly")
 
     def __init__(self, env: Env) -> None:
@@ -184,7 +182,7 @@ class ModmonCase(PostgresTargetCase):
         # run's bucket counts are the reference (its checksum is checked separately).
         _ = self.baseline
         return Expected(self.env.data.total_rows, tuple(sorted(str(i) for i in self.env.data.malformed_ids)),
-                        self.count_rows("base"))
+                        self.target_rows("base"))
 
 
 class LatestMetricsCase(PostgresTargetCase):

@@ -21,6 +21,7 @@ from common.ledger import Ledger
 from producer.broker import Broker
 from tests.faults.cases import Case, MongoCase
 from tests.harness import wait_for
+from tests.mongo_server import REAL_MONGO_URI
 
 pytestmark = pytest.mark.faults
 OUTAGE_S = 3  # how long the target refuses connections, on top of the first retries it causes
@@ -219,7 +220,7 @@ def test_cancel_then_resume_twice_in_one_run(case, baseline):
     assert_exact(case, run_id, "cancel2", baseline, report)
 
 
-@pytest.mark.skipif(bool(os.environ.get("SHUTTLE_TEST_MONGO_URI")),
+@pytest.mark.skipif(bool(REAL_MONGO_URI),
                     reason="kills the nx-27017 process this session started; a real server is not ours to kill")
 def test_mongodb_server_killed_and_restarted_mid_run(mongo_case):
     case, baseline = mongo_case, mongo_case.baseline
