@@ -312,6 +312,25 @@ class Ledger:
             conn.execute(reports.delete().where(reports.c.run_id == run_id))
         return self.chunks_of(run_id, states=["queued"])
 
+    def close_run(self, run_id: str, status: str, verdict: str, body: dict[str, Any],
+                  chunk_states: dict[str, int]) -> bool:
+        """Give an ended run its final status and report, unless its chunks changed since the report was
+        built from `chunk_states`; True when stored.
+
+        The coordinator of a cancelled round may still be building its report when `shuttle resume`
+        reopens the run. Closing it then would mark the resumed run cancelled again, and the workers
+        would skip every chunk the resume queued. Under the run's lock, so no reopen slips in between.
+        """
+        with self._transaction() as conn:
+            self._lock_run(conn, run_id)
+            now = conn.execute(sa.select(chunks.c.state, sa.func.count()).where(chunks.c.run_id == run_id)
+                               .group_by(chunks.c.state)).all()
+            if {state: int(n) for state, n in now} != chunk_states:
+                return False
+            conn.execute(runs.update().where(runs.c.run_id == run_id).values(status=status, finished_at=sa.func.now()))
+            self._save_report(conn, run_id, verdict, body)
+            return True
+
     def set_run_status(self, run_id: str, status: str) -> None:
         with self._transaction() as conn:
             conn.execute(runs.update().where(runs.c.run_id == run_id).values(
@@ -377,10 +396,14 @@ class Ledger:
     # -- reports and verifications -----------------------------------------------------------------
 
     def save_report(self, run_id: str, verdict: str, body: dict[str, Any]) -> None:
-        stmt = pg_insert(reports).values(run_id=run_id, verdict=verdict, body=json.loads(json.dumps(body)))
         with self._transaction() as conn:
-            conn.execute(stmt.on_conflict_do_update(index_elements=[reports.c.run_id], set_={
-                "verdict": stmt.excluded.verdict, "body": stmt.excluded.body, "created_at": sa.func.now()}))
+            self._save_report(conn, run_id, verdict, body)
+
+    @staticmethod
+    def _save_report(conn: sa.Connection, run_id: str, verdict: str, body: dict[str, Any]) -> None:
+        stmt = pg_insert(reports).values(run_id=run_id, verdict=verdict, body=json.loads(json.dumps(body)))
+        conn.execute(stmt.on_conflict_do_update(index_elements=[reports.c.run_id], set_={
+            "verdict": stmt.excluded.verdict, "body": stmt.excluded.body, "created_at": sa.func.now()}))
 
     def get_report(self, run_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

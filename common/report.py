@@ -6,6 +6,7 @@ function serves the coordinator task and `shuttle report`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from common.ledger import TERMINAL_CHUNK_STATES, Ledger, RunRecord
@@ -17,6 +18,7 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 RUNNING = "running"
 REJECT_SAMPLE = 20
+log = logging.getLogger("shuttle.report")
 
 
 def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[str, Any]:
@@ -121,9 +123,14 @@ def close_run(ledger: Ledger, run: RunRecord, migration: Migration, report: dict
     if report["verdict"] == CLEAN:
         partitions = sorted({row["partition"] for row in report["partitions"]})
         report["actions"] = migration.after_run(partitions)
-    if report["verdict"] != RUNNING:
-        status = {CLEAN: "completed", CANCELLED: "cancelled"}.get(report["verdict"], "failed")
-        ledger.set_run_status(run.run_id, status)
+    if report["verdict"] == RUNNING:
+        ledger.save_report(run.run_id, report["verdict"], report)
+        return report
+    status = {CLEAN: "completed", CANCELLED: "cancelled"}.get(report["verdict"], "failed")
+    built_on = {state: n for state, n in report["chunks"].items() if state != "total"}
+    closed = ledger.close_run(run.run_id, status, report["verdict"], {**report, "status": status}, built_on)
+    if closed:
         report["status"] = status
-    ledger.save_report(run.run_id, report["verdict"], report)
+    else:  # resumed while this report was built: the run goes on, and its own last chunk will close it
+        log.info("run %s was reopened while its report was built; not closing it", run.run_id)
     return report

@@ -1,4 +1,7 @@
-"""Fault-injection harness: its own source, ledger and queue; each test starts the workers it kills."""
+"""Fault-injection harness: its own sources, ledger and queue; each test starts the workers it kills.
+
+The fault tests take a `case` (tests/faults/cases.py), so each runs against every migration.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +11,18 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import redis
 
 from common.migrations.modmon_fixtures import build_source
 from tests.conftest import REDIS_BASE, create_db, drop_db
+from tests.faults.cases import Case, LatestMetricsCase, ModmonCase, MongoCase
 from tests.harness import Env
+from tests.mongo_server import REAL_MONGO_URI, NxServer
 
 FAULTS_REDIS_DB = int(os.environ.get("SHUTTLE_TEST_FAULTS_REDIS_DB", "10"))
-CHUNK_ROWS = "4000"
 
 
 @pytest.fixture(scope="session")
@@ -33,15 +37,6 @@ def faults(tmp_path_factory) -> Iterator[Env]:
     redis.Redis.from_url(env.broker_url).delete(env.queue)
     drop_db(source_db)
     drop_db(ledger_db)
-
-
-@pytest.fixture(scope="session")
-def baseline(faults: Env) -> tuple[str, str]:
-    """Checksums of an uninterrupted run: what every faulted run must end with."""
-    with faults.workers(2, "base"):
-        code, report = faults.run_json("run", "modmon", "--target-schema", "base", "--chunk-rows", CHUNK_ROWS)
-    assert code == 0, report["verdict_reason"]
-    return faults.checksum("base")
 
 
 def free_port() -> int:
@@ -90,15 +85,45 @@ def own_redis(tmp_path) -> Iterator[RedisServer]:
     server.kill()
 
 
-@contextmanager
-def target_refusing_connections(admin_url: str, database: str) -> Iterator[None]:
-    """New connections to `database` are refused and existing ones cut, until the block ends."""
-    import psycopg
+@pytest.fixture(scope="session")
+def modmon_case(faults: Env) -> ModmonCase:
+    return ModmonCase(faults)
 
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
-        try:
-            yield
-        finally:
-            conn.execute(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
+
+@pytest.fixture(scope="session")
+def mlflow_env(faults: Env, mlflow_source) -> Env:
+    """The session's MLflow database (built by MLflow's own client) with the faults' ledger and queue."""
+    url, data = mlflow_source
+    return replace(faults, source_url=url, data=data)
+
+
+@pytest.fixture(scope="session")
+def latest_case(mlflow_env: Env) -> Iterator[LatestMetricsCase]:
+    case = LatestMetricsCase(mlflow_env)
+    yield case
+    case.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mongo_case(mlflow_env: Env) -> Iterator[MongoCase]:
+    """nx-27017 in a process of our own (so faults can stop, kill and restart it), or SHUTTLE_TEST_MONGO_URI."""
+    server = None if REAL_MONGO_URI else NxServer().start()
+    case = MongoCase(mlflow_env, REAL_MONGO_URI.rstrip("/") if REAL_MONGO_URI else server.uri, server)
+    yield case
+    case.cleanup()
+    if case.server is not None:
+        case.server.cleanup()
+
+
+CASES = {"modmon": "modmon_case", "mlflow-latest-metrics": "latest_case", "mlflow-to-mongo": "mongo_case"}
+
+
+@pytest.fixture(scope="session", params=list(CASES))
+def case(request) -> Case:
+    """Each fault test runs once per migration; pytest groups the tests by migration."""
+    return request.getfixturevalue(CASES[request.param])
+
+
+@pytest.fixture(scope="session")
+def baseline(case: Case) -> object:
+    return case.baseline

@@ -58,3 +58,17 @@ def test_cancelled_run_skips_queued_chunks_and_resume_requeues_them(ledger):
     requeued = ledger.reopen("r1")
     assert sorted(c.chunk_id for c in requeued) == sorted(ids[1:])
     assert ledger.get_run("r1").status == "running"
+
+
+def test_a_report_of_the_cancelled_round_does_not_close_the_resumed_run(ledger):
+    """The coordinator of a cancelled round may finish building its report after `shuttle resume`."""
+    _run(ledger, 3)
+    ledger.cancel("r1")
+    built_on = {"cancelled": 3}  # what the late coordinator saw
+    requeued = ledger.reopen("r1")
+    assert not ledger.close_run("r1", "cancelled", "cancelled", {"verdict": "cancelled"}, built_on)
+    assert ledger.get_run("r1").status == "running" and ledger.get_report("r1") is None
+    assert ledger.claim_chunk(requeued[0].chunk_id, "w") is not None, "the resumed chunks still run"
+    ledger.cancel("r1")
+    assert ledger.close_run("r1", "cancelled", "cancelled", {"verdict": "cancelled"}, {"running": 1, "cancelled": 2})
+    assert ledger.get_run("r1").status == "cancelled" and ledger.get_report("r1") == {"verdict": "cancelled"}
