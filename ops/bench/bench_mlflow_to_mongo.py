@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import pickle
 import statistics
 import sys
+import tempfile
 import time
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -192,13 +194,28 @@ def prebuild(source_url: str, target_uri: str) -> list[tuple[str, list[RawBSONDo
     return batches
 
 
-_PREBUILT: list[tuple[str, list[RawBSONDocument]]] = []  # inherited by the forked writers
+_PREBUILT: list[tuple[str, list[RawBSONDocument]]] = []
+_PREBUILT_FILE: list[Path] = []  # the same batches on disk, for the spawned writers
 
 
-def _ceiling_writer(uri: str, share: int, processes: int, ready, go, done) -> None:
+def prebuilt_file() -> Path:
+    """The pre-built batches pickled once (raw BSON bytes), so writer processes can be spawned, not forked.
+
+    A fork of this process, which holds pymongo clients and their monitor threads, can inherit a lock
+    held by one of those threads and hang forever (it did, once, in a 1M-row run)."""
+    if not _PREBUILT_FILE:
+        path = Path(tempfile.mkstemp(prefix="m2mbench-prebuilt-", suffix=".pickle")[1])
+        with path.open("wb") as out:
+            pickle.dump([(c, [d.raw for d in docs]) for c, docs in _PREBUILT], out, protocol=pickle.HIGHEST_PROTOCOL)
+        _PREBUILT_FILE.append(path)
+    return _PREBUILT_FILE[0]
+
+
+def _ceiling_writer(uri: str, prebuilt: str, share: int, processes: int, ready, go, done) -> None:
+    with open(prebuilt, "rb") as src:
+        mine = [(c, [RawBSONDocument(raw) for raw in docs]) for c, docs in pickle.load(src)[share::processes]]
     client = pymongo.MongoClient(uri)
     target = client.get_default_database()
-    mine = _PREBUILT[share::processes]
     client.admin.command("ping")
     ready.wait()
     go.wait()
@@ -216,9 +233,10 @@ def run_ceiling(source_url: str, target_uri: str, indexes: bool, processes: int 
             migration.finish_target()
         finally:
             migration.close()
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")
     ready, go, done = (context.Barrier(processes + 1) for _ in range(3))
-    workers = [context.Process(target=_ceiling_writer, args=(target_uri, i, processes, ready, go, done))
+    prebuilt = str(prebuilt_file())
+    workers = [context.Process(target=_ceiling_writer, args=(target_uri, prebuilt, i, processes, ready, go, done))
                for i in range(processes)]
     for w in workers:
         w.start()
@@ -500,6 +518,8 @@ def main() -> None:
                 out.write("\n" + section)
             log(f"appended to {args.results}")
     finally:
+        for path in _PREBUILT_FILE:
+            path.unlink(missing_ok=True)
         for target in created:
             mongo.drop_database(urlsplit(target).path.lstrip("/"))
         mongo.close()
