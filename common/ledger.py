@@ -323,9 +323,7 @@ class Ledger:
         """
         with self._transaction() as conn:
             self._lock_run(conn, run_id)
-            now = conn.execute(sa.select(chunks.c.state, sa.func.count()).where(chunks.c.run_id == run_id)
-                               .group_by(chunks.c.state)).all()
-            if {state: int(n) for state, n in now} != chunk_states:
+            if {state: n for state, (n, _) in self._chunk_states(conn, run_id).items()} != chunk_states:
                 return False
             conn.execute(runs.update().where(runs.c.run_id == run_id).values(status=status, finished_at=sa.func.now()))
             self._save_report(conn, run_id, verdict, body)
@@ -341,11 +339,17 @@ class Ledger:
     def progress(self, run_id: str) -> Progress:
         with self.engine.connect() as conn:
             total = conn.execute(sa.select(runs.c.total_rows).where(runs.c.run_id == run_id)).scalar_one()
-            rows = conn.execute(
-                sa.select(chunks.c.state, sa.func.count(), sa.func.coalesce(sa.func.sum(chunks.c.rows_read), 0))
-                .where(chunks.c.run_id == run_id).group_by(chunks.c.state)).all()
-        done = sum(int(r[2]) for r in rows if r[0] == "done")
-        return Progress(total_rows=int(total), rows_done=done, chunks={r[0]: int(r[1]) for r in rows})
+            states = self._chunk_states(conn, run_id)
+        done = states.get("done", (0, 0))[1]
+        return Progress(total_rows=int(total), rows_done=done, chunks={state: n for state, (n, _) in states.items()})
+
+    @staticmethod
+    def _chunk_states(conn: sa.Connection, run_id: str) -> dict[str, tuple[int, int]]:
+        """Per chunk state: (chunks, rows read)."""
+        rows = conn.execute(
+            sa.select(chunks.c.state, sa.func.count(), sa.func.coalesce(sa.func.sum(chunks.c.rows_read), 0))
+            .where(chunks.c.run_id == run_id).group_by(chunks.c.state)).all()
+        return {state: (int(n), int(read)) for state, n, read in rows}
 
     def partition_totals(self, run_id: str) -> list[dict[str, Any]]:
         """Per (entity, partition): chunks by state, rows read, rejected, and per-target writes."""

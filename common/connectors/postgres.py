@@ -208,15 +208,15 @@ class Sink(_Connected, BaseSink):
         with translate_errors(f"target {self.public_url}"):
             conn = self.connection()
             with conn.transaction(), conn.cursor() as cur:
-                _, stage, _ = self._stage(cur, table, rows)
+                stage = self._stage(cur, table, rows)
                 cur.execute(sql.SQL("WITH written AS ({}) SELECT count(*) FROM written").format(
                     _insert_missing_sql(table, stage)))
                 inserted = cur.fetchone()[0]
         return WriteCounts(inserted=inserted, unchanged=len(rows) - inserted)
 
     @staticmethod
-    def _stage(cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row]) -> tuple[sql.Composable, ...]:
-        """COPY rows into a temporary table shaped like the target; returns (target, stage, columns)."""
+    def _stage(cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row]) -> sql.Composable:
+        """COPY rows into a temporary table shaped like the target; returns the staging table."""
         target = identifier(table.name)
         stage = sql.Identifier(f"_shuttle_stage_{table.name.replace('.', '_')}")
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in table.column_names)
@@ -225,7 +225,7 @@ class Sink(_Connected, BaseSink):
             copy.set_types([c.type for c in table.columns])
             for row in rows:
                 copy.write_row(row)
-        return target, stage, cols
+        return stage
 
     def upsert_query(self, table: TableSpec, query: sql.Composable, rewrite_when: Sequence[str] | None = None,
                      only_missing: bool = False, tally: str | None = None) -> tuple[WriteCounts, int]:
@@ -255,7 +255,7 @@ class Sink(_Connected, BaseSink):
                     rewrite_when: Sequence[str] | None = None) -> WriteCounts:
         if not rows:
             return WriteCounts()
-        _, stage, _ = cls._stage(cur, table, rows)
+        stage = cls._stage(cur, table, rows)
         cur.execute(sql.SQL(
             "WITH written AS ({})"
             " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"

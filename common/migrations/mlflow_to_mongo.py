@@ -278,11 +278,15 @@ class MlflowToMongo(Migration):
         for name, wanted in sorted(self.indexes().items()):
             present = {(_fields(i), i.unique) for i in self.sink.indexes(self.collection(name))}
             absent = [i for i in wanted if (_fields(i), i.unique) not in present]
-            gaps = [f"{_describe(i)} {gap}" for i in absent if (gap := self.sink.index_gap(i))]
-            missing = [i for i in absent if not self.sink.index_gap(i)]
-            problems = [_describe(i) + (f" could not be built: {self._refused_indexes[(name, i)]}"
-                                        if (name, i) in self._refused_indexes else " missing") for i in missing]
-            checks.append(Check(f"{name} (indexes)", "indexes", not missing, len(wanted), len(wanted) - len(absent),
+            problems, gaps = [], []
+            for index in absent:
+                if gap := self.sink.index_gap(index):
+                    gaps.append(f"{_describe(index)} {gap}")
+                elif refused := self._refused_indexes.get((name, index)):
+                    problems.append(f"{_describe(index)} could not be built: {refused}")
+                else:
+                    problems.append(f"{_describe(index)} missing")
+            checks.append(Check(f"{name} (indexes)", "indexes", not problems, len(wanted), len(wanted) - len(absent),
                                 0, "; ".join(problems + gaps)))
         return checks
 
