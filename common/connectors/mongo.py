@@ -3,18 +3,28 @@
 Documents, not rows: the `Sink` ABC is shaped for tables (a TableSpec and tuples); a MongoDB target
 holds documents with sub-documents and no fixed columns, so this sink adds `upsert_documents`, keyed
 on `_id` only. Every write is an unordered `bulk_write` in batches of at least 1,000 documents (DESIGN
-§5/§6). Before writing, the documents already present with the same `_id`s are read back; then
+§5/§6). Whatever the path, the outcome is the same:
 
-  - identical ones are not rewritten: a re-run writes nothing and counts them as unchanged, whatever the
-    server reports as "modified" (nx-27017 reports every matched replacement as modified);
+  - identical documents are not rewritten: a re-run writes nothing and counts them as unchanged, whatever
+    the server reports as "modified" (nx-27017 reports every matched replacement as modified);
   - absent ones are inserted (`InsertOne`): an insert is the cheapest write a server has, where an upsert
     first looks the `_id` up (measured +27% on nx-27017, ops/bench/RESULTS.md);
   - present but changed ones are replaced whole by `_id` (`ReplaceOne(upsert=True)`).
 
-An insert that collides on a duplicate key (code 11000) means the document appeared between the read and
-the write (a redelivered copy of the same chunk running concurrently, another writer). Those documents,
-and only those, are read again and written as `ReplaceOne` upserts, so the target ends exact and the
-counts say what this call really changed.
+Two paths get there, chosen per collection from what the previous batch found:
+
+  - insert first (a fresh load: the previous batch found nothing there): every document is inserted
+    without a read, and those that collide on a duplicate `_id` (code 11000) are read back and compared,
+    then replaced unless identical;
+  - read first (a re-run or a resume: the previous batch collided): the documents present with the same
+    `_id`s are read in one query, then only the absent are inserted and the changed replaced.
+
+A read before every insert costs the server about a tenth of a fresh load, and an insert of documents
+that are all present costs a re-run a failed write per document; switching on what the last batch saw
+gives each case its cheap path. An insert that collides on the read-first path means the document
+appeared between the read and the write (a redelivered copy of the same chunk running concurrently,
+another writer); it takes the same read-compare-replace step, so the target ends exact and the counts
+say what this call really changed.
 
 A document that cannot be stored (over 16 MB, a key starting with `$`, containing `.` or NUL, or one
 the server refuses) becomes a `Reject` with its reason; the rest of the batch is written.
@@ -23,12 +33,15 @@ the server refuses) becomes a `Reject` with its reason; the rest of the batch is
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import bson
+import bson.int64
+import bson.objectid
 import pymongo
 from pymongo import InsertOne, ReplaceOne
 from pymongo.errors import (AutoReconnect, BulkWriteError, ConnectionFailure, NetworkTimeout, OperationFailure,
@@ -62,17 +75,22 @@ class Index:
     unique: bool = False
 
 
+# Values that hold no keys: the common case, told apart by exact type before any ABC check.
+_FLAT = frozenset({str, int, float, bool, type(None), bytes, bson.int64.Int64, bson.objectid.ObjectId, datetime})
+
+
 def invalid_key(document: Mapping[str, Any], path: str = "") -> str | None:
     """The first key MongoDB cannot store (`$…`, containing `.` or NUL), or None."""
     for key, value in document.items():
-        where = f"{path}.{key}" if path else str(key)
         if not isinstance(key, str):
-            return f"key {where!r} is not a string"
+            return f"key {(f'{path}.{key}' if path else str(key))!r} is not a string"
         if key.startswith("$") or "." in key or "\x00" in key:
+            where = f"{path}.{key}" if path else key
             return f"invalid key name {where!r} (keys may not start with '$' or contain '.' or NUL)"
-        nested = _nested_documents(value)
-        for item in nested:
-            found = invalid_key(item, where)
+        if type(value) in _FLAT:
+            continue
+        for item in _nested_documents(value):
+            found = invalid_key(item, f"{path}.{key}" if path else key)
             if found:
                 return found
     return None
@@ -114,6 +132,7 @@ class Sink(BaseSink):
         # A ready client may be handed in (the tests' in-process mongomock); otherwise opened on first use.
         self._client: pymongo.MongoClient | None = client
         self._nx: bool | None = None  # the target is the nx-27017 stand-in (see index_gap)
+        self._read_first: dict[str, bool] = {}  # per collection: what the previous batch found (module doc)
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -159,10 +178,13 @@ class Sink(BaseSink):
             return
         target = self.db[collection]
         with translate_errors(f"target {self.public_url}"):
-            existing = self._existing(target, storable)
-            changed = self._changed(storable, existing, result)
-            inserts = [d for d in changed if _hashable(d["_id"]) not in existing]
-            replaces = [d for d in changed if _hashable(d["_id"]) in existing]
+            if self._read_first.get(collection, False):
+                existing = self._existing(target, storable)
+                inserts = self._changed(storable, existing, result)
+                replaces = [d for d in inserts if _hashable(d["_id"]) in existing]
+                inserts = [d for d in inserts if _hashable(d["_id"]) not in existing]
+            else:
+                existing, inserts, replaces = {}, storable, []
             errors = self._bulk(target, [InsertOne(d) for d in inserts] + [_replace(d) for d in replaces])
             collided = []
             for index, doc in enumerate(inserts):
@@ -177,6 +199,8 @@ class Sink(BaseSink):
                 self._count_replace(doc, errors.get(index), entity, result)
             if collided:
                 self._write_collided(target, collided, entity, result)
+            # Read first while batches keep finding their documents there; insert first once they do not.
+            self._read_first[collection] = bool(existing) or len(collided) * 2 > len(inserts)
 
     def _write_collided(self, target, documents: list[dict[str, Any]], entity: str, result: DocumentWrite) -> None:
         """Documents whose insert hit a duplicate key: read again, then replaced by `_id` unless identical.

@@ -27,12 +27,14 @@ from typing import Any
 from psycopg import sql
 
 from common.connectors.mongo import Index, Sink, same
+from common.connectors.mongo import translate_errors as translate_mongo_errors
 from common.connectors.postgres import Source, translate_errors
 from common.errors import ConfigError
 from common.migrations.base import Check, Migration, ProgressCallback, Selection
 from common.migrations.mlflow_mapping import (JSON_TEXT, KNOWN_TABLES, PARTITION_FIELD, id_text, indexes_for,
                                               to_document)
 from common.migrations.mlflow_schema import GLOBAL, MODEL_PREFIX, Table, parents_first, reflect, references
+from common.write_behind import WriteBehind
 from common.model import ChunkOutcome, ChunkSpec, PartitionCount, Reject, WriteCounts
 
 log = logging.getLogger("shuttle.mlflow_to_mongo")
@@ -58,6 +60,8 @@ class MlflowToMongo(Migration):
         self._tables: dict[str, Table] | None = None
         self._counts: dict[tuple[str, str], int] | None = None
         self._refused_indexes: dict[tuple[str, Index], str] = {}  # by finish_target, for verify
+        self._writes = WriteBehind()
+        self._target_counted: tuple[tuple[str, ...], dict[tuple[str, str], int]] | None = None  # for verify
 
     @classmethod
     def plan_options(cls, **flags: Any) -> dict[str, Any]:
@@ -191,24 +195,30 @@ class MlflowToMongo(Migration):
     # -- one chunk -------------------------------------------------------------------------------
 
     def run_chunk(self, spec: ChunkSpec, progress: ProgressCallback) -> ChunkOutcome:
+        """Rows → documents → batches; each batch is written while the next is read (`WriteBehind`)."""
         table = self.tables[spec.entity]
         outcome = ChunkOutcome()
         batch: list[dict[str, Any]] = []
         batch_size = self.sink.batch_size
-        for row in self._rows(table, spec.partition, spec.lo, spec.hi):
-            outcome.rows_read += 1
-            try:
-                doc, _ = to_document(table.name, table.columns, table.key, row, spec.partition)
-            except (TypeError, ValueError, OverflowError) as exc:
-                outcome.rejects.append(Reject(table.name, json.dumps([str(row.get(k)) for k in table.key]),
-                                              f"cannot convert: {exc}", str(row)[:500]))
-                continue
-            batch.append(doc)
-            if len(batch) >= batch_size:
-                self._flush(table.name, batch, outcome)
-                batch = []
-                progress(outcome.rows_read)
-        self._flush(table.name, batch, outcome)
+        try:
+            for row in self._rows(table, spec.partition, spec.lo, spec.hi):
+                outcome.rows_read += 1
+                try:
+                    doc, _ = to_document(table.name, table.columns, table.key, row, spec.partition)
+                except (TypeError, ValueError, OverflowError) as exc:
+                    outcome.rejects.append(Reject(table.name, json.dumps([str(row.get(k)) for k in table.key]),
+                                                  f"cannot convert: {exc}", str(row)[:500]))
+                    continue
+                batch.append(doc)
+                if len(batch) >= batch_size:
+                    self._writes.submit(self._flush, table.name, batch, outcome)
+                    batch = []
+                    progress(outcome.rows_read)
+            self._writes.submit(self._flush, table.name, batch, outcome)
+            self._writes.finish()
+        except BaseException:
+            self._writes.abandon()
+            raise
         progress(outcome.rows_read)
         return outcome
 
@@ -246,18 +256,30 @@ class MlflowToMongo(Migration):
     # -- after the run ---------------------------------------------------------------------------
 
     def target_counts(self, partitions: Sequence[str]) -> dict[tuple[str, str], int]:
+        """Documents per (collection, partition), counted by the server in one `$group` per collection.
+
+        Over the whole collection, then kept for `partitions`: a `$match` on `$in` first makes nx-27017
+        evaluate the filter in Python (10× slower), and a full run counts every partition anyway. The
+        counts are kept for `verify`, which the report calls right after with the same partitions."""
+        wanted = set(partitions)
         counts: dict[tuple[str, str], int] = {}
-        for name in self.tables:
-            for group in self.sink.db[self.collection(name)].aggregate([
-                    {"$match": {PARTITION_FIELD: {"$in": list(partitions)}}},
-                    {"$group": {"_id": f"${PARTITION_FIELD}", "n": {"$sum": 1}}}]):
-                counts[(name, group["_id"])] = int(group["n"])
+        with translate_mongo_errors(f"target {self.sink.public_url}"):
+            for name in self.tables:
+                for group in self.sink.db[self.collection(name)].aggregate(
+                        [{"$group": {"_id": f"${PARTITION_FIELD}", "n": {"$sum": 1}}}]):
+                    if group["_id"] in wanted:
+                        counts[(name, group["_id"])] = int(group["n"])
+        self._target_counted = (tuple(sorted(wanted)), counts)
         return counts
 
     def verify(self, selection: Selection, partitions: Sequence[str], rejected: dict[str, int]) -> list[Check]:
         """Counts per collection and partition, references in the target, and a sampled comparison."""
         source = self._source_counts(selection)
-        target = self.target_counts(partitions)
+        # The report's own count, taken just before (once: a later verify counts again).
+        counted_for, target = self._target_counted or ((), {})
+        if counted_for != tuple(sorted(set(partitions))):
+            target = self.target_counts(partitions)
+        self._target_counted = None
         checks = []
         for name, partition in sorted(set(source) | {k for k in target if k[1] in partitions}):
             src, dst, rej = source.get((name, partition), 0), target.get((name, partition), 0), rejected.get(partition, 0)
@@ -310,12 +332,14 @@ class MlflowToMongo(Migration):
 
     def _child_values(self, table: str, columns: tuple[str, ...], partitions: list[str]) -> set[tuple]:
         """Distinct values of a reference in the target: grouped in the server for one column (nx-27017
-        cannot group on a compound key, so composite references, all small registry tables, are read)."""
+        cannot group on a compound key, so composite references, all small registry tables, are read).
+        Not `distinct`: nx-27017 ignores its filter and would answer for every partition."""
         match = {PARTITION_FIELD: {"$in": partitions}}
         if len(columns) == 1:
-            groups = self.sink.db[self.collection(table)].aggregate(
-                [{"$match": match}, {"$group": {"_id": f"${columns[0]}"}}])
-            return {(g["_id"],) for g in groups}
+            with translate_mongo_errors(f"target {self.sink.public_url}"):
+                groups = self.sink.db[self.collection(table)].aggregate(
+                    [{"$match": match}, {"$group": {"_id": f"${columns[0]}"}}])
+                return {(g["_id"],) for g in groups}
         return {tuple(d.get(c) for c in columns)
                 for d in self.sink.find(self.collection(table), match, {c: 1 for c in columns} | {"_id": 0})}
 
@@ -392,6 +416,7 @@ class MlflowToMongo(Migration):
         return checks
 
     def close(self) -> None:
+        self._writes.close()
         self.source.close()
         self.sink.close()
 

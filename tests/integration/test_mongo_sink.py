@@ -1,6 +1,7 @@
 """The MongoDB sink's contract, run against mongomock (in-process) and a server (nx-27017, or the real
 MongoDB of SHUTTLE_TEST_MONGO_URI): idempotent `_id` upserts with exact counts, int64 and sub-documents
-kept, per-document rejects with the rest written, inserts for absent documents and replaces for changed ones,
+kept, per-document rejects with the rest written, inserts for absent documents and replaces for changed ones (insert first on a fresh load, read first on a
+re-run),
 duplicate-key collisions (a concurrent writer) retried as replaces with exact counts, idempotent indexes,
 refused indexes reported, transient errors, masked URLs."""
 
@@ -72,28 +73,44 @@ class SinkContract:
         assert result.counts.as_dict() == {"inserted": 0, "updated": 0, "unchanged": 0}
         assert sink.count("model_versions") == 1
 
-    def test_absent_documents_are_inserted_and_only_changed_ones_replaced(self, sink, monkeypatch):
+    def test_a_fresh_load_inserts_without_reading_and_a_rerun_reads_first(self, sink, monkeypatch):
         sent: list[list[type]] = []
-        bulk = sink._bulk
+        reads: list[int] = []
+        bulk, existing = sink._bulk, sink._existing
 
-        def spy(target, requests):
+        def spy_bulk(target, requests):
             sent.append([type(r) for r in requests])
             return bulk(target, requests)
 
-        monkeypatch.setattr(sink, "_bulk", spy)
-        docs = [{"_id": i, "v": i} for i in range(1_500)]
-        sink.upsert_documents("t", docs)
-        assert [set(batch) for batch in sent] == [{InsertOne}, {InsertOne}] and sum(map(len, sent)) == 1_500
+        def spy_read(target, documents):
+            reads.append(len(documents))
+            return existing(target, documents)
+
+        monkeypatch.setattr(sink, "_bulk", spy_bulk)
+        monkeypatch.setattr(sink, "_existing", spy_read)
+        docs = [{"_id": i, "v": i} for i in range(2_000)]
+        assert sink.upsert_documents("t", docs[:1_500]).counts.as_dict() == \
+            {"inserted": 1_500, "updated": 0, "unchanged": 0}
+        assert [set(batch) for batch in sent] == [{InsertOne}, {InsertOne}] and reads == []
         sent.clear()
-        result = sink.upsert_documents("t", [dict(docs[0], v=-1), docs[1], {"_id": "new", "v": 0}])
-        assert sent == [[InsertOne, ReplaceOne]]
+        # A re-run: the first batch's inserts collide, so it reads them back (identical: unchanged) ...
+        again = sink.upsert_documents("t", [dict(docs[0], v=-1), *docs[1:1_000]])
+        assert again.counts.as_dict() == {"inserted": 0, "updated": 1, "unchanged": 999}
+        assert sent == [[InsertOne] * 1_000, [ReplaceOne]] and reads == [1_000]
+        sent.clear()
+        reads.clear()
+        # ... and the next batch reads first: only the absent are inserted, only the changed replaced.
+        result = sink.upsert_documents("t", [dict(docs[1], v=-1), docs[2], docs[1_999]])
+        assert reads == [3] and sent == [[InsertOne, ReplaceOne]]
         assert result.counts.as_dict() == {"inserted": 1, "updated": 1, "unchanged": 1}
-        assert sink.find("t", {"_id": 0}) == [{"_id": 0, "v": -1}]
+        assert sink.find("t", {"_id": 0}) == [{"_id": 0, "v": -1}] and sink.count("t") == 1_501
 
     def test_a_document_written_between_the_read_and_the_write_is_replaced_not_refused(self, sink, monkeypatch):
         """Another writer stores three of the batch's documents after the sink read: their inserts hit
         duplicate keys and are redone as replaces; the counts say what this call changed."""
         docs = [{"_id": i, "v": i} for i in range(1_200)]
+        sink.upsert_documents("t", docs[1_000:])
+        sink.upsert_documents("t", docs[1_000:])  # all collide: the next batch reads first
         existing = sink._existing
         other = sink.db["t"]
 
@@ -105,9 +122,9 @@ class SinkContract:
             return found
 
         monkeypatch.setattr(sink, "_existing", read_then_someone_writes)
-        result = sink.upsert_documents("t", docs)
+        result = sink.upsert_documents("t", docs[:1_000])
         assert not result.rejects
-        assert result.counts.as_dict() == {"inserted": 1_197, "updated": 2, "unchanged": 1}
+        assert result.counts.as_dict() == {"inserted": 997, "updated": 2, "unchanged": 1}
         assert sink.count("t") == 1_200
         assert sink.find("t", {"_id": 6}) == [{"_id": 6, "v": 6}] and sink.find("t", {"_id": 7}) == [{"_id": 7, "v": 7}]
 
@@ -155,25 +172,24 @@ class TestServer(SinkContract):
         twin.close()
 
     def test_two_sinks_writing_the_same_batch_at_once_store_it_once(self, sink, twin, monkeypatch):
-        """A redelivered chunk running alongside the first delivery: both read before either writes, so
-        both insert; every document is stored once, inserted by one and unchanged for the other. Server
-        only: mongomock is not safe for two threads (its duplicate check and insert are not atomic)."""
+        """A redelivered chunk running alongside the first delivery: both send their inserts at the same
+        moment; every document is stored once, inserted by one and unchanged for the other. Server only:
+        mongomock is not safe for two threads (its duplicate check and insert are not atomic)."""
         docs = [{"_id": i, "run_uuid": f"r{i % 7}", "step": Int64(i)} for i in range(1_000)]
-        both_read = threading.Barrier(2, timeout=30)
+        both_ready = threading.Barrier(2, timeout=30)
 
-        def wait_after_first_read(s):
-            existing, waited = s._existing, []
+        def wait_before_first_write(s):
+            bulk, waited = s._bulk, []
 
-            def read(target, documents):
-                found = existing(target, documents)
+            def write(target, requests):
                 if not waited:
                     waited.append(True)
-                    both_read.wait()
-                return found
-            return read
+                    both_ready.wait()
+                return bulk(target, requests)
+            return write
 
         for s in (sink, twin):
-            monkeypatch.setattr(s, "_existing", wait_after_first_read(s))
+            monkeypatch.setattr(s, "_bulk", wait_before_first_write(s))
         results = {}
         threads = [threading.Thread(target=lambda s=s: results.setdefault(id(s), s.upsert_documents("t", docs)))
                    for s in (sink, twin)]
