@@ -33,9 +33,9 @@ the server refuses) becomes a `Reject` with its reason; the rest of the batch is
 from __future__ import annotations
 
 import math
-from datetime import datetime
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -180,9 +180,9 @@ class Sink(BaseSink):
         with translate_errors(f"target {self.public_url}"):
             if self._read_first.get(collection, False):
                 existing = self._existing(target, storable)
-                inserts = self._changed(storable, existing, result)
-                replaces = [d for d in inserts if _hashable(d["_id"]) in existing]
-                inserts = [d for d in inserts if _hashable(d["_id"]) not in existing]
+                changed = self._changed(storable, existing, result)
+                inserts = [d for d in changed if _hashable(d["_id"]) not in existing]
+                replaces = [d for d in changed if _hashable(d["_id"]) in existing]
             else:
                 existing, inserts, replaces = {}, storable, []
             errors = self._bulk(target, [InsertOne(d) for d in inserts] + [_replace(d) for d in replaces])

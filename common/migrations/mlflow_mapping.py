@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
 from datetime import date, datetime, time
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 

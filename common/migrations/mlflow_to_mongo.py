@@ -34,8 +34,8 @@ from common.migrations.base import Check, Migration, ProgressCallback, Selection
 from common.migrations.mlflow_mapping import (JSON_TEXT, KNOWN_TABLES, PARTITION_FIELD, id_text, indexes_for,
                                               to_document)
 from common.migrations.mlflow_schema import GLOBAL, MODEL_PREFIX, Table, parents_first, reflect, references
-from common.write_behind import WriteBehind
 from common.model import ChunkOutcome, ChunkSpec, PartitionCount, Reject, WriteCounts
+from common.write_behind import WriteBehind
 
 log = logging.getLogger("shuttle.mlflow_to_mongo")
 DEFAULT_BATCH = 1_000
@@ -61,7 +61,6 @@ class MlflowToMongo(Migration):
         self._counts: dict[tuple[str, str], int] | None = None
         self._refused_indexes: dict[tuple[str, Index], str] = {}  # by finish_target, for verify
         self._writes = WriteBehind()
-        self._target_counted: tuple[tuple[str, ...], dict[tuple[str, str], int]] | None = None  # for verify
 
     @classmethod
     def plan_options(cls, **flags: Any) -> dict[str, Any]:
@@ -259,8 +258,7 @@ class MlflowToMongo(Migration):
         """Documents per (collection, partition), counted by the server in one `$group` per collection.
 
         Over the whole collection, then kept for `partitions`: a `$match` on `$in` first makes nx-27017
-        evaluate the filter in Python (10× slower), and a full run counts every partition anyway. The
-        counts are kept for `verify`, which the report calls right after with the same partitions."""
+        evaluate the filter in Python (10× slower), and a full run counts every partition anyway."""
         wanted = set(partitions)
         counts: dict[tuple[str, str], int] = {}
         with translate_mongo_errors(f"target {self.sink.public_url}"):
@@ -269,17 +267,12 @@ class MlflowToMongo(Migration):
                         [{"$group": {"_id": f"${PARTITION_FIELD}", "n": {"$sum": 1}}}]):
                     if group["_id"] in wanted:
                         counts[(name, group["_id"])] = int(group["n"])
-        self._target_counted = (tuple(sorted(wanted)), counts)
         return counts
 
     def verify(self, selection: Selection, partitions: Sequence[str], rejected: dict[str, int]) -> list[Check]:
         """Counts per collection and partition, references in the target, and a sampled comparison."""
         source = self._source_counts(selection)
-        # The report's own count, taken just before (once: a later verify counts again).
-        counted_for, target = self._target_counted or ((), {})
-        if counted_for != tuple(sorted(set(partitions))):
-            target = self.target_counts(partitions)
-        self._target_counted = None
+        target = self.target_counts(partitions)
         checks = []
         for name, partition in sorted(set(source) | {k for k in target if k[1] in partitions}):
             src, dst, rej = source.get((name, partition), 0), target.get((name, partition), 0), rejected.get(partition, 0)
