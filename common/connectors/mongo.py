@@ -266,23 +266,28 @@ class Sink(BaseSink):
         else:
             result.rejects.append(_refused(entity, doc, error))
 
-    def ensure_collection(self, collection: str) -> None:
-        """Create the collection if missing (its `_id` index comes with it); idempotent across workers."""
+    def ensure_collections(self, collections: Sequence[str]) -> None:
+        """Create the missing collections (their `_id` index comes with them); idempotent across workers.
+
+        The existing ones are listed once: a listing per collection cost a round trip each, 0.2 s of
+        planning for MLflow's 65 tables."""
         with translate_errors(f"target {self.public_url}"):
-            if collection not in self.db.list_collection_names():
+            existing = set(self.db.list_collection_names())
+            for collection in collections:
+                if collection in existing:
+                    continue
                 try:
                     self.db.create_collection(collection)
                 except pymongo.errors.CollectionInvalid:
                     pass  # another worker created it first
 
     def ensure_indexes(self, collection: str, indexes: Sequence[Index]) -> dict[Index, str]:
-        """Create the collection and its missing indexes; creating an existing index is a no-op.
+        """Create the missing indexes (and the collection, as `createIndexes` does); an existing index is a no-op.
 
         Returns the indexes the server refused to build, with its reason: a unique index over documents
         that hold duplicates, or an index that exists with other options. The caller decides what that
         means (a failed check, not an exception: every other index is still built). Connection failures
         raise TransientError."""
-        self.ensure_collection(collection)
         refused: dict[Index, str] = {}
         with translate_errors(f"target {self.public_url}"):
             for index in indexes:

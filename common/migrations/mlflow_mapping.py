@@ -14,7 +14,8 @@
     unknown tables           → generic rules above, with a warning naming them
 
 Indexes: a unique index on every primary key, one on every foreign key, and the query paths the
-reference tool indexed (QUERY_INDEXES).
+reference tool indexed (QUERY_INDEXES). A foreign key that is the leading part of a longer index
+(metrics' run_uuid of (run_uuid, key, step)) is served by that index and gets none of its own.
 """
 
 from __future__ import annotations
@@ -190,7 +191,16 @@ def indexes_for(table: str, columns: dict[str, str], primary_key: tuple[str, ...
     wanted += [(keys, False) for keys in QUERY_INDEXES.get(table, ()) if all(c in columns for c, _ in keys)]
     seen, result = set(), []
     for keys, unique in wanted:
-        if keys not in seen:
+        if keys not in seen and (unique or not _served_by_another(keys, wanted)):
             seen.add(keys)
             result.append((keys, unique))
     return result
+
+
+def _served_by_another(keys: tuple[tuple[str, int], ...],
+                       wanted: list[tuple[tuple[tuple[str, int], ...], bool]]) -> bool:
+    """True when a longer index starts with these fields: a compound index serves every query on its
+    prefix, so e.g. metrics' (run_uuid, key, step) is also its index on the run_uuid foreign key, and
+    building run_uuid alone would cost the server a second pass over the collection for nothing."""
+    fields = [f for f, _ in keys]
+    return any(len(other) > len(keys) and [f for f, _ in other[:len(keys)]] == fields for other, _ in wanted)

@@ -17,6 +17,7 @@ from common.migrations.mlflow_mapping import EXTRA_REFERENCES, REGISTRY_ROOT
 
 GLOBAL = "global"
 MODEL_PREFIX = "model:"
+SAMPLE_SEED = 20240601  # any fixed value: a sampled check reads the same rows on every run
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,13 @@ class Table:
         """The primary key, or every column when the table has none (still a stable, total order)."""
         return self.primary_key or tuple(self.columns)
 
-    def from_clause(self, schema: str) -> sql.Composable:
-        parts = [sql.SQL("{} AS t").format(sql.Identifier(schema, self.name))]
+    def from_clause(self, schema: str, sample_percent: float | None = None) -> sql.Composable:
+        """The table as `t` with the joins its partition path needs; `sample_percent` reads a fixed
+        pseudo-random share of its rows (`TABLESAMPLE BERNOULLI … REPEATABLE`: the same share every time)."""
+        table = sql.Identifier(schema, self.name)
+        parts = [sql.SQL("{} AS t").format(table) if sample_percent is None else
+                 sql.SQL("{} AS t TABLESAMPLE BERNOULLI ({}) REPEATABLE ({})").format(
+                     table, sql.Literal(sample_percent), sql.Literal(SAMPLE_SEED))]
         for alias, table, on in self.joins:
             conditions = sql.SQL(" AND ").join(
                 sql.SQL("{} = {}").format(sql.Identifier(*left.split(".")), sql.Identifier(alias, right))

@@ -40,6 +40,7 @@ from common.write_behind import WriteBehind
 log = logging.getLogger("shuttle.mlflow_to_mongo")
 DEFAULT_BATCH = 1_000
 DEFAULT_SAMPLE = 50
+SAMPLE_OVERDRAW = 20  # a large table's sample is drawn from about 20 × --sample rows (see _sample_rows)
 
 
 class MlflowToMongo(Migration):
@@ -166,8 +167,7 @@ class MlflowToMongo(Migration):
 
     def prepare_target(self) -> None:
         """The collections only: their secondary indexes are built after the load (`finish_target`)."""
-        for name in self.tables:
-            self.sink.ensure_collection(self.collection(name))
+        self.sink.ensure_collections([self.collection(name) for name in self.tables])
 
     def indexes(self) -> dict[str, list[Index]]:
         """Every collection's indexes: unique on the primary key, foreign keys, query paths, `_partition`."""
@@ -279,9 +279,14 @@ class MlflowToMongo(Migration):
             ok = src == dst or (rej > 0 and dst < src and src - dst <= rej)
             detail = "" if src == dst else f"{src - dst:+d} documents missing" + (f" ({rej} rejects)" if rej else "")
             checks.append(Check(name, partition, ok, src, dst, rej if src != dst else 0, detail))
+        whole = selection.partitions is None and selection.model_names is None
+        rows_per_table: dict[str, int] = {}
+        for (name, _), n in source.items():
+            rows_per_table[name] = rows_per_table.get(name, 0) + n
         checks += self._index_checks()
-        checks += self._reference_checks(list(partitions))
-        checks += self._sample_checks(list(partitions), int(self.options.get("sample", DEFAULT_SAMPLE)), rejected)
+        checks += self._reference_checks(list(partitions), whole)
+        checks += self._sample_checks(list(partitions), int(self.options.get("sample", DEFAULT_SAMPLE)), rejected,
+                                      rows_per_table)
         checks += self._warnings(list(partitions))
         return checks
 
@@ -305,33 +310,48 @@ class MlflowToMongo(Migration):
                                 0, "; ".join(problems + gaps)))
         return checks
 
-    def _reference_checks(self, partitions: list[str]) -> list[Check]:
+    def _reference_checks(self, partitions: list[str], whole: bool) -> list[Check]:
+        """Every reference value of the run's documents names a document of its parent collection.
+
+        `whole`: the run covers every partition, so the child values are read without a partition filter,
+        and each parent collection's values are read once (runs are the parent of metrics, params, tags …)
+        rather than looked up per child collection."""
         checks = []
+        parents: dict[tuple[str, tuple[str, ...]], set[tuple]] = {}
         for name in parents_first(self.tables):
             table = self.tables[name]
             for fk in references(table, self.tables):
                 if not fk.ref_columns:
                     continue
-                child = self._child_values(name, fk.columns, partitions)
+                child = self._distinct_values(name, fk.columns, None if whole else partitions)
                 child = {v for v in child if None not in v}
                 if not child:
                     continue
-                present = self._present(fk.table, fk.ref_columns, child)
+                if whole:
+                    ref = (fk.table, fk.ref_columns)
+                    if ref not in parents:
+                        parents[ref] = self._distinct_values(fk.table, fk.ref_columns, None)
+                    present = parents[ref] & child
+                else:
+                    present = self._present(fk.table, fk.ref_columns, child)
                 missing = sorted(child - present, key=str)
                 label = f"{name}({', '.join(fk.columns)}) → {fk.table}"
                 checks.append(Check(label, "references", not missing, len(child), len(child) - len(missing), 0,
                                     f"missing in {fk.table}: {missing[:3]}" if missing else ""))
         return checks
 
-    def _child_values(self, table: str, columns: tuple[str, ...], partitions: list[str]) -> set[tuple]:
-        """Distinct values of a reference in the target: grouped in the server for one column (nx-27017
-        cannot group on a compound key, so composite references, all small registry tables, are read).
-        Not `distinct`: nx-27017 ignores its filter and would answer for every partition."""
-        match = {PARTITION_FIELD: {"$in": partitions}}
+    def _distinct_values(self, table: str, columns: tuple[str, ...], partitions: list[str] | None) -> set[tuple]:
+        """Distinct values of `columns` in a collection of the target (`partitions` None: all of it).
+
+        Grouped in the server for one column (nx-27017 cannot group on a compound key, so composite
+        references, all small registry tables, are read). A `$group`, not `distinct`: its answer is one
+        document capped at 16 MB, and nx-27017 ignores its filter. No `$match` for a whole run: nx-27017
+        evaluates `$in` in Python, ten times the cost of the grouping itself."""
+        match = {PARTITION_FIELD: {"$in": partitions}} if partitions is not None else {}
         if len(columns) == 1:
             with translate_mongo_errors(f"target {self.sink.public_url}"):
                 groups = self.sink.db[self.collection(table)].aggregate(
-                    [{"$match": match}, {"$group": {"_id": f"${columns[0]}"}}])
+                    ([{"$match": match}] if match else []) + [{"$group": {"_id": f"${columns[0]}"}}])
                 return {(g["_id"],) for g in groups}
         return {tuple(d.get(c) for c in columns)
                 for d in self.sink.find(self.collection(table), match, {c: 1 for c in columns} | {"_id": 0})}
@@ -346,7 +366,8 @@ class MlflowToMongo(Migration):
                 found.add(tuple(d.get(c) for c in columns))
         return found & values
 
-    def _sample_checks(self, partitions: list[str], sample: int, rejected: dict[str, int]) -> list[Check]:
+    def _sample_checks(self, partitions: list[str], sample: int, rejected: dict[str, int],
+                       rows_per_table: dict[str, int]) -> list[Check]:
         """`sample` source rows per table (a fixed pseudo-random pick) compared field by field with their documents.
 
         A sampled row without a document is a failure unless its partition has rejects (the ledger lists
@@ -356,17 +377,7 @@ class MlflowToMongo(Migration):
         checks = []
         for name in parents_first(self.tables):
             table = self.tables[name]
-            key = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in table.key)
-            query = sql.SQL("SELECT {p}, t.* FROM {f} WHERE {p} = ANY(%s) ORDER BY md5(row({k})::text) LIMIT %s").format(
-                p=table.partition_expr(), f=table.from_clause(self.schema), k=key)
-            with translate_errors(f"source {self.source.public_url}"):
-                conn = self.source.connection()
-                try:
-                    cur = conn.execute(query, [partitions, sample])
-                    names = [d.name for d in cur.description][1:]
-                    rows = [(r[0], dict(zip(names, r[1:]))) for r in cur.fetchall()]
-                finally:
-                    conn.rollback()
+            rows = self._sample_rows(table, partitions, sample, rows_per_table.get(name, 0))
             if not rows:
                 continue
             expected = [to_document(name, table.columns, table.key, row, partition)[0] for partition, row in rows]
@@ -389,6 +400,29 @@ class MlflowToMongo(Migration):
             checks.append(Check(f"{name} (sample)", "field by field", not differences, len(expected),
                                 len(expected) - len(differences) - excused, excused, detail))
         return checks
+
+    def _sample_rows(self, table: Table, partitions: list[str], sample: int, rows: int) -> list[tuple[str, dict]]:
+        """(partition, row) of `sample` rows, the first in md5 order of their key.
+
+        A large table is first thinned to about SAMPLE_OVERDRAW × `sample` of its `rows` with a repeatable
+        Bernoulli sample, so the md5 ordering sorts a thousand rows rather than the whole table; in the
+        unlikely case the thinned table has too few rows of the run's partitions, the whole table is read."""
+        key = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in table.key)
+        shares = [None] if rows <= SAMPLE_OVERDRAW * sample else [100.0 * SAMPLE_OVERDRAW * sample / rows, None]
+        for share in shares:
+            query = sql.SQL("SELECT {p}, t.* FROM {f} WHERE {p} = ANY(%s) ORDER BY md5(row({k})::text) LIMIT %s").format(
+                p=table.partition_expr(), f=table.from_clause(self.schema, share), k=key)
+            with translate_errors(f"source {self.source.public_url}"):
+                conn = self.source.connection()
+                try:
+                    cur = conn.execute(query, [partitions, sample])
+                    names = [d.name for d in cur.description][1:]
+                    picked = [(r[0], dict(zip(names, r[1:]))) for r in cur.fetchall()]
+                finally:
+                    conn.rollback()
+            if len(picked) == sample:
+                break
+        return picked
 
     def _warnings(self, partitions: list[str]) -> list[Check]:
         """Informational lines: JSON text kept as text, tables migrated without a specific mapping."""

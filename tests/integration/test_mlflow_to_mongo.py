@@ -218,6 +218,31 @@ def test_two_experiments_migrate_only_their_runs_and_children(mlflow_source, mon
     migration.close()
 
 
+def test_a_whole_run_is_checked_without_partition_filters_and_a_thinned_sample(mlflow_source, mongo_uri,
+                                                                               mongo_db_name):
+    url, data = mlflow_source
+    migration, counts, *_ = migrate(url, f"{mongo_uri}/{mongo_db_name}", sample=10)
+    db = pymongo.MongoClient(mongo_uri)[mongo_db_name]
+    partitions = sorted({p.partition for p in counts})
+    metric_rows = sum(p.rows for p in counts if p.entity == "metrics")
+    assert metric_rows > 20 * 10  # so the metrics sample is drawn from a Bernoulli-thinned table
+    checks = {c.entity: c for c in migration.verify(Selection(), partitions, {})}
+    assert all(c.ok for c in checks.values()), [c for c in checks.values() if not c.ok]
+    assert checks["metrics (sample)"].source_rows == 10 and checks["metrics (sample)"].target_rows == 10
+    # the same pick every time: the sample is repeatable
+    assert migration._sample_rows(migration.tables["metrics"], partitions, 10, metric_rows) == \
+        migration._sample_rows(migration.tables["metrics"], partitions, 10, metric_rows)
+    # damage: every metric value changed, and one run gone
+    db["metrics"].update_many({}, {"$set": {"value": -12345.0}})
+    gone = data.run_ids[data.experiment_ids[0]][0]
+    db["runs"].delete_one({"_id": gone})
+    bad = {c.entity: c for c in migration.verify(Selection(), partitions, {}) if not c.ok}
+    assert {"runs", "metrics(run_uuid) → runs", "metrics (sample)"} <= set(bad)
+    assert "value differ" in bad["metrics (sample)"].detail
+    assert gone in bad["metrics(run_uuid) → runs"].detail
+    migration.close()
+
+
 def test_model_names_select_registry_tables(mlflow_source, mongo_uri, mongo_db_name):
     url, data = mlflow_source
     name = data.model_names[1]

@@ -41,8 +41,16 @@ def test_document_keeps_every_column_and_its_partition():
 def test_indexes_unique_primary_key_foreign_keys_and_query_paths():
     got = indexes_for("runs", {"run_uuid": "", "experiment_id": "", "start_time": "", "status": ""}, ("run_uuid",),
                       [("experiment_id",)])
-    assert ((("run_uuid", 1),), True) in got and ((("experiment_id", 1),), False) in got
+    assert ((("run_uuid", 1),), True) in got
     assert ((("experiment_id", 1), ("start_time", -1)), False) in got
+    # The foreign key experiment_id leads (experiment_id, start_time): that index serves it, no second one.
+    assert ((("experiment_id", 1),), False) not in got
+    tags = indexes_for("tags", {"key": "", "value": "", "run_uuid": ""}, ("key", "run_uuid"), [("run_uuid",)])
+    assert [keys for keys, _ in tags] == [(("_partition", 1),), (("key", 1), ("run_uuid", 1)), (("run_uuid", 1), ("key", 1))]
+    # A foreign key no longer index starts with keeps an index of its own.
+    inputs = indexes_for("inputs", {"input_uuid": "", "source_id": "", "destination_id": ""}, ("input_uuid",),
+                         [("source_id",)])
+    assert ((("source_id", 1),), False) in inputs
 
 
 def test_reference_tool_config_files_work(tmp_path):
