@@ -285,6 +285,11 @@ def render(args: argparse.Namespace, rows: int, runs: int, pairs: int, chunk_row
         f"- Targets: 2 workers ≥ (a): **{'met' if vs_mlflow >= 1 else 'NOT met'}** — {vs_mlflow:.2f}× (a); "
         f"2 workers ≥ 60% of (b): **{'met' if vs_ceiling >= 0.6 else 'NOT met'}** — {vs_ceiling:.0%} of (b) "
         f"(1 worker: {rate['shuttle-1'] / rate['ceiling']:.0%} of (b)).",
+        "- Paired, repeat by repeat ((a) and Shuttle ran back to back, so each pair saw the same machine): "
+        "(a) seconds ÷ Shuttle 2-worker seconds = "
+        + ", ".join(f"{a['seconds'] / s['seconds']:.2f}" for a, s in zip(results["mlflow"], results["shuttle-2"]))
+        + f"; Shuttle faster in {sum(a['seconds'] > s['seconds'] for a, s in zip(results['mlflow'], results['shuttle-2']))}"
+        f" of {len(results['shuttle-2'])}.",
         f"- Against (b′), one statement writing MLflow's own table: 2 workers {rate['shuttle-2'] / rate['ceiling-mlflow-table']:.0%}; "
         f"(b′) itself is {rate['ceiling-mlflow-table'] / rate['ceiling']:.0%} of (b) and "
         f"{rate['ceiling-mlflow-table'] / rate['mlflow']:.2f}× (a).",
