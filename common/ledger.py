@@ -7,7 +7,7 @@ aggregated from it, so a chunk delivered twice is counted once (its row is overw
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -301,14 +301,16 @@ class Ledger:
                 chunks.c.run_id == run_id, chunks.c.state == "queued").values(state="cancelled")).rowcount
             return skipped
 
-    def reopen(self, run_id: str) -> list[ChunkRecord]:
-        """Prepare a resume: every chunk not done is queued again (stale `running` ones too)."""
+    def reopen(self, run_id: str, still_running: Collection[str] = ()) -> list[ChunkRecord]:
+        """Prepare a resume: every chunk not done is queued again, stale `running` ones too, except the
+        `running` chunks in `still_running` (a live worker is in them now: they end and record themselves)."""
         with self._transaction() as conn:
             self._lock_run(conn, run_id)
             conn.execute(runs.update().where(runs.c.run_id == run_id).values(
                 status="running", finalize_enqueued=False, finished_at=None))
+            live = sa.and_(chunks.c.state == "running", chunks.c.chunk_id.in_(list(still_running)))
             conn.execute(chunks.update().where(
-                chunks.c.run_id == run_id, chunks.c.state != "done").values(state="queued"))
+                chunks.c.run_id == run_id, chunks.c.state != "done", ~live).values(state="queued"))
             conn.execute(reports.delete().where(reports.c.run_id == run_id))
         return self.chunks_of(run_id, states=["queued"])
 

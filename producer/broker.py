@@ -50,6 +50,17 @@ class Broker:
     def enqueue_finalize(self, run_id: str) -> None:
         self.app.send_task(FINALIZE_RUN, args=[run_id], task_id=f"{run_id}:finalize", argsrepr=repr(run_id))
 
+    def running_chunk_ids(self, timeout: float = 1.0) -> set[str]:
+        """Ids of the chunks live workers are running now (a chunk's task id is its id).
+
+        Asked of every worker over the broker; a worker that is gone does not answer, so its chunks are
+        not in the set. Empty when no worker answers or the broker cannot say."""
+        try:
+            replies = self.app.control.inspect(timeout=timeout).active() or {}
+        except Exception:  # noqa: BLE001 - unknown means "assume nothing runs": resume then re-enqueues
+            return set()
+        return {task["id"] for tasks in replies.values() for task in tasks or ()}
+
     def workers_online(self, timeout: float = 1.0) -> list[str]:
         """Names of workers answering a ping (empty when none, or the broker cannot say)."""
         try:

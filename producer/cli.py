@@ -194,9 +194,12 @@ def cancel(settings: Settings, run_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="With --wait, print the report as JSON.")
 @settings_options
 def resume(settings: Settings, run_id: str, wait: bool, as_json: bool) -> None:
-    """Enqueue again every chunk of a run that is not done (failed, cancelled, lost, stale)."""
-    queued = commands.resume(settings, run_id)
-    err_console.print(f"run {run_id}: {queued} chunks enqueued again")
+    """Enqueue again every chunk of a run that is not done (failed, cancelled, lost, stale).
+
+    A chunk a live worker is running now is left to finish, not run twice."""
+    resumed = commands.resume(settings, run_id)
+    left = f"; {resumed.left_running} still running on live workers, left to finish" if resumed.left_running else ""
+    err_console.print(f"run {run_id}: {resumed.requeued} chunks enqueued again{left}")
     if wait:
         _follow_and_exit(settings, run_id, as_json)
 

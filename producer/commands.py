@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator
 
@@ -128,17 +129,26 @@ def cancel(settings: Settings, run_id: str) -> int:
         return skipped
 
 
-def resume(settings: Settings, run_id: str) -> int:
-    """Enqueue again every chunk that is not done (stale `running` ones included). Returns the count."""
+@dataclass(frozen=True)
+class Resumed:
+    requeued: int  # chunks enqueued again
+    left_running: int  # chunks a live worker is running now: they finish and record themselves
+
+
+def resume(settings: Settings, run_id: str) -> Resumed:
+    """Enqueue again every chunk that is not done, stale `running` ones included; a chunk a live worker
+    is running now is left to finish rather than run a second time."""
     with open_ledger(settings) as ledger:
         require_run(ledger, run_id)
         broker = Broker(settings)
         broker.check_reachable()
-        queued = ledger.reopen(run_id)
+        running = {c.chunk_id for c in ledger.chunks_of(run_id, states=["running"])}
+        live = running & broker.running_chunk_ids() if running else set()
+        queued = ledger.reopen(run_id, still_running=live)
         broker.enqueue_chunks(run_id, queued)
         if not queued and ledger.claim_finalize(run_id):
             finalize_here(settings, ledger, run_id)
-        return len(queued)
+        return Resumed(requeued=len(queued), left_running=len(live))
 
 
 def verify(settings: Settings, run_id: str) -> list[Check]:

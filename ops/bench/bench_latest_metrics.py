@@ -146,7 +146,7 @@ def resume_scenario(settings: Settings, ledger: Ledger, chunk_rows: int, log_dir
         first = wait_report(ledger, run.run_id)
         done_before = {c.chunk_id for c in ledger.chunks_of(run.run_id, states=["done"])}
         started = time.monotonic()
-        queued = commands.resume(settings, run.run_id)
+        queued = commands.resume(settings, run.run_id).requeued
         report = wait_report(ledger, run.run_id)
         seconds = time.monotonic() - started
     with db(settings.ledger_url) as conn:

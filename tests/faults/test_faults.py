@@ -115,6 +115,25 @@ def test_whole_worker_killed_leaves_a_stale_chunk_that_resume_requeues(case, bas
     assert_exact(case, run_id, "stale", baseline, report)
 
 
+def test_resume_leaves_the_chunk_a_live_worker_is_in_to_finish(modmon_case):
+    """Engine behaviour, so one migration is enough: resuming while a worker is inside a chunk must not
+    enqueue that chunk again (it would run twice); the stale chunk of a dead worker is in the test above."""
+    case = modmon_case
+    with case.workers(1, "live"):
+        run_id = case.start("live")
+        with case.hold_writes("live"):
+            chunk_id, _ = blocked_chunk(case, run_id)
+            resumed = case.env.shuttle("resume", run_id)
+            assert resumed.returncode == 0, resumed.stderr
+            assert "1 still running on live workers, left to finish" in " ".join(resumed.stderr.split())
+            state = case.env.ledger_sql("SELECT state FROM shuttle.chunks WHERE chunk_id = %s", (chunk_id,))[0][0]
+            assert state == "running", "the live worker's chunk was not queued again"
+        code, report = case.env.run_json("watch", run_id)
+    attempts = case.env.ledger_sql("SELECT attempts FROM shuttle.chunks WHERE chunk_id = %s", (chunk_id,))[0][0]
+    assert attempts == 1
+    assert_exact(case, run_id, "live", case.baseline, report)
+
+
 def test_broker_restarted_with_all_its_data_lost(case, baseline, own_redis):
     broker = {"SHUTTLE_BROKER_URL": own_redis.url}
     with case.workers(2, "brk", broker_url=own_redis.url):

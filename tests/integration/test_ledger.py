@@ -60,6 +60,21 @@ def test_cancelled_run_skips_queued_chunks_and_resume_requeues_them(ledger):
     assert ledger.get_run("r1").status == "running"
 
 
+def test_resume_leaves_a_chunk_a_live_worker_runs_and_requeues_a_stale_one(ledger):
+    ids = _run(ledger, 4)
+    _, live = ledger.claim_chunk(ids[0], "alive")
+    ledger.claim_chunk(ids[1], "killed")  # its worker is gone: the chunk stays `running` for ever
+    ledger.cancel("r1")
+    requeued = ledger.reopen("r1", still_running={ids[0], ids[2]})  # ids[2] is queued, not running: requeued
+    assert sorted(c.chunk_id for c in requeued) == sorted(ids[1:])
+    assert ledger.get_chunk(ids[0]).state == "running"
+    assert not ledger.claim_finalize("r1"), "a run with a chunk still running is not finalized"
+    for chunk_id in ids[1:]:
+        _, chunk = ledger.claim_chunk(chunk_id, "w")
+        ledger.record_outcome(chunk, _outcome(0), 0.1)
+    assert ledger.record_outcome(live, _outcome(0), 0.1) is True  # the live chunk ends the run
+
+
 def test_a_report_of_the_cancelled_round_does_not_close_the_resumed_run(ledger):
     """The coordinator of a cancelled round may finish building its report after `shuttle resume`."""
     _run(ledger, 3)
