@@ -183,7 +183,8 @@ def _column_kinds(table: str, columns: tuple[tuple[str, str], ...]) -> tuple[fro
 
 def indexes_for(table: str, columns: dict[str, str], primary_key: tuple[str, ...],
                 foreign_keys: list[tuple[str, ...]]) -> list[tuple[tuple[tuple[str, int], ...], bool]]:
-    """(keys, unique) for every index of a collection, without duplicates."""
+    """(keys, unique) for every index of a collection, without duplicates, and without a non-unique index
+    that a longer one starts with (`_served_by_another`)."""
     wanted: list[tuple[tuple[tuple[str, int], ...], bool]] = [((( PARTITION_FIELD, 1),), False)]
     if primary_key:
         wanted.append((tuple((c, 1) for c in primary_key), True))

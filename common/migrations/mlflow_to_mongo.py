@@ -222,6 +222,8 @@ class MlflowToMongo(Migration):
         return outcome
 
     def _flush(self, entity: str, docs: list[dict[str, Any]], outcome: ChunkOutcome) -> None:
+        """Runs in the write-behind thread. It alone touches `outcome.writes`; its `rejects.extend` and
+        the reading thread's conversion rejects (`append`) are single list operations, atomic in CPython."""
         result = self.sink.upsert_documents(self.collection(entity), docs, entity=entity)
         outcome.rejects.extend(result.rejects)
         outcome.writes.setdefault(entity, WriteCounts())
