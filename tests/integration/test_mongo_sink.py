@@ -1,8 +1,9 @@
 """The MongoDB sink's contract, run against mongomock (in-process) and a server (nx-27017, or the real
 MongoDB of SHUTTLE_TEST_MONGO_URI): idempotent `_id` upserts with exact counts, int64 and sub-documents
 kept, per-document rejects with the rest written, inserts for absent documents and replaces for changed
-ones (insert first on a fresh load, read first on a re-run), duplicate-key collisions (a concurrent writer) retried as replaces with exact counts, idempotent indexes,
-refused indexes reported, transient errors, masked URLs."""
+ones (insert first on a fresh load, read first on a re-run), duplicate-key collisions (a concurrent
+writer) retried as replaces with exact counts, idempotent indexes, refused indexes reported, transient
+errors, masked URLs."""
 
 from __future__ import annotations
 
