@@ -27,14 +27,16 @@ def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[s
     groups = ledger.partition_totals(run.run_id)
     planned: dict[str, dict[str, int]] = run.options.get("planned", {})
     partitions = sorted({p for rows in planned.values() for p in rows} | {g["partition"] for g in groups})
+    finished = progress.finished
+    if finished:
+        # e.g. indexes built after the load: first, so the counts below and verify can use them
+        migration.finish_target()
     target_rows = migration.target_counts(partitions)
     rejected_by_partition: dict[str, int] = {}
     for g in groups:
         rejected_by_partition[g["partition"]] = rejected_by_partition.get(g["partition"], 0) + g["rows_rejected"]
-    finished = progress.finished
     checks = []
     if finished:
-        migration.finish_target()  # e.g. indexes built after the load; verify then sees them
         checks = migration.verify(Selection.from_dict(run.selection), partitions, rejected_by_partition)
 
     rows = []

@@ -32,11 +32,12 @@ the server refuses) becomes a `Reject` with its reason; the rest of the batch is
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 from urllib.parse import urlsplit
 
 import bson
@@ -161,19 +162,22 @@ class Sink(BaseSink):
 
     # -- writes ----------------------------------------------------------------------------------
 
-    def upsert_documents(self, collection: str, documents: Sequence[dict[str, Any]], entity: str | None = None
-                         ) -> DocumentWrite:
+    def upsert_documents(self, collection: str, documents: Sequence[dict[str, Any]], entity: str | None = None,
+                         key: Sequence[str] = ()) -> DocumentWrite:
         """Replace-or-insert each document by `_id`; identical documents are left alone and counted
-        unchanged. Raises TransientError when the server cannot be reached (the chunk is retried)."""
+        unchanged. Raises TransientError when the server cannot be reached (the chunk is retried).
+
+        `entity` names the source table in rejects (default: the collection); `key`, the fields whose
+        values a reject lists as its key (default: `_id`, which may be a digest of them)."""
         result = DocumentWrite()
-        entity = entity or collection
+        origin = _Origin(entity or collection, tuple(key))
         for start in range(0, len(documents), self.batch_size):
-            self._write_batch(collection, documents[start:start + self.batch_size], entity, result)
+            self._write_batch(collection, documents[start:start + self.batch_size], origin, result)
         return result
 
-    def _write_batch(self, collection: str, documents: Sequence[dict[str, Any]], entity: str,
+    def _write_batch(self, collection: str, documents: Sequence[dict[str, Any]], origin: _Origin,
                      result: DocumentWrite) -> None:
-        storable = self._storable(documents, entity, result)
+        storable = self._storable(documents, origin, result)
         if not storable:
             return
         target = self.db[collection]
@@ -194,15 +198,16 @@ class Sink(BaseSink):
                 elif error.get("code") == DUPLICATE_KEY:
                     collided.append(doc)
                 else:
-                    result.rejects.append(_refused(entity, doc, error))
+                    result.rejects.append(_refused(origin, doc, error))
             for index, doc in enumerate(replaces, start=len(inserts)):
-                self._count_replace(doc, errors.get(index), entity, result)
+                self._count_replace(doc, errors.get(index), origin, result)
             if collided:
-                self._write_collided(target, collided, entity, result)
+                self._write_collided(target, collided, origin, result)
             # Read first while batches keep finding their documents there; insert first once they do not.
             self._read_first[collection] = bool(existing) or len(collided) * 2 > len(inserts)
 
-    def _write_collided(self, target, documents: list[dict[str, Any]], entity: str, result: DocumentWrite) -> None:
+    def _write_collided(self, target, documents: list[dict[str, Any]], origin: _Origin,
+                        result: DocumentWrite) -> None:
         """Documents whose insert hit a duplicate key: read again, then replaced by `_id` unless identical.
 
         Once only: a replace by `_id` cannot collide on `_id`, so a second duplicate-key error comes from
@@ -214,10 +219,10 @@ class Sink(BaseSink):
             if errors.get(index) is None and _hashable(doc["_id"]) not in existing:
                 result.counts.inserted += 1  # gone again since the insert collided: the upsert inserted it
             else:
-                self._count_replace(doc, errors.get(index), entity, result)
+                self._count_replace(doc, errors.get(index), origin, result)
 
     @staticmethod
-    def _storable(documents: Sequence[dict[str, Any]], entity: str, result: DocumentWrite) -> list[dict[str, Any]]:
+    def _storable(documents: Sequence[dict[str, Any]], origin: _Origin, result: DocumentWrite) -> list[dict[str, Any]]:
         """The documents MongoDB can store; the others become rejects with the reason."""
         storable = []
         for doc in documents:
@@ -227,7 +232,7 @@ class Sink(BaseSink):
                 if size > MAX_DOCUMENT_BYTES:
                     reason = f"document is {size:,} bytes, over MongoDB's 16 MB limit"
             if reason is not None:
-                result.rejects.append(Reject(entity, _key_text(doc), reason, _excerpt(doc)))
+                result.rejects.append(Reject(origin.entity, _key_text(doc, origin.key), reason, _excerpt(doc)))
             else:
                 storable.append(doc)
         return storable
@@ -260,11 +265,12 @@ class Sink(BaseSink):
         return {}
 
     @staticmethod
-    def _count_replace(doc: dict[str, Any], error: dict[str, Any] | None, entity: str, result: DocumentWrite) -> None:
+    def _count_replace(doc: dict[str, Any], error: dict[str, Any] | None, origin: _Origin,
+                       result: DocumentWrite) -> None:
         if error is None:
             result.counts.updated += 1
         else:
-            result.rejects.append(_refused(entity, doc, error))
+            result.rejects.append(_refused(origin, doc, error))
 
     def ensure_collections(self, collections: Sequence[str]) -> None:
         """Create the missing collections (their `_id` index comes with them); idempotent across workers.
@@ -373,9 +379,15 @@ def _replace(doc: dict[str, Any]) -> ReplaceOne:
     return ReplaceOne({"_id": doc["_id"]}, doc, upsert=True)
 
 
-def _refused(entity: str, doc: dict[str, Any], error: Mapping[str, Any]) -> Reject:
+class _Origin(NamedTuple):
+    """Where a batch's documents come from, for its rejects: the source entity and its key fields."""
+    entity: str
+    key: tuple[str, ...]
+
+
+def _refused(origin: _Origin, doc: dict[str, Any], error: Mapping[str, Any]) -> Reject:
     reason = f"MongoDB refused the document: {error.get('errmsg', '')} (code {error.get('code')})"
-    return Reject(entity, _key_text(doc), reason, _excerpt(doc))
+    return Reject(origin.entity, _key_text(doc, origin.key), reason, _excerpt(doc))
 
 
 def _hashable(value: Any) -> Any:
@@ -384,7 +396,10 @@ def _hashable(value: Any) -> Any:
     return repr(sorted(value.items())) if isinstance(value, Mapping) else value
 
 
-def _key_text(doc: Mapping[str, Any]) -> str:
+def _key_text(doc: Mapping[str, Any], key: tuple[str, ...]) -> str:
+    """The key values as a JSON list of strings (as a conversion reject lists them), else the `_id`."""
+    if key:
+        return json.dumps([str(doc.get(field)) for field in key])[:200]
     return str(doc.get("_id"))[:200]
 
 

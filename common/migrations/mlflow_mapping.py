@@ -1,8 +1,8 @@
 """How each MLflow table becomes documents: the whiteboard mapping of `mlflow-to-mongo`.
 
     every table              → collection `<prefix><table>`, one document per row, `_id` from the primary key
-                               (its value when single, a compact JSON array text of the values when composite:
-                               nx-27017 cannot query sub-document `_id`s, DESIGN §5), `_partition` for verify
+                               (its value when single; for a composite key a 22-character digest of the values,
+                               whose fields the document holds under a unique index), `_partition` for verify
     bigint (epoch ms, steps) → int64, always (never int32 for small values)
     numeric / bytea / uuid   → Decimal128 / binary / string
     json, jsonb              → sub-document as stored
@@ -14,12 +14,15 @@
     unknown tables           → generic rules above, with a warning naming them
 
 Indexes: a unique index on every primary key, one on every foreign key, and the query paths the
-reference tool indexed (QUERY_INDEXES). A foreign key that is the leading part of a longer index
-(metrics' run_uuid of (run_uuid, key, step)) is served by that index and gets none of its own.
+reference tool indexed (QUERY_INDEXES). The primary-key index lists first the fields of the longest
+such index made of key fields only (metrics: run_uuid, key, step), and a non-unique index that a longer
+one starts with gets none of its own (metrics' run_uuid, and run/key/step itself).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 from datetime import date, datetime, time
@@ -94,15 +97,34 @@ _AS_IS = frozenset({str, int, float, bool, datetime, dict, list})
 
 
 def document_id(values: tuple[Any, ...]) -> Any:
-    """The `_id` of a row: its key value, or for a composite key a JSON array of the values (stable text)."""
+    """The `_id` of a row: its key value when single; for a composite key, `key_digest` of the values.
+
+    Not a sub-document `_id` (nx-27017 cannot query one, DESIGN §5), and not the key's JSON text either:
+    MongoDB stores `_id` in every document and in its index, and metrics' six-part key as text is ~90
+    bytes where the digest is 22. The key's own fields stay in the document, under the unique
+    primary-key index, for lookups by key."""
     if len(values) == 1:
         value = values[0]
         return value if isinstance(value, (str, int)) and not isinstance(value, bool) else id_text(values)
-    return id_text(values)
+    return key_digest(values)
+
+
+def key_digest(values: tuple[Any, ...]) -> str:
+    """128 bits of BLAKE2b over the key's JSON text, base64url without padding: the same key always gives
+    the same `_id` (so writes stay idempotent), and two keys share one with odds of about 2⁻¹²⁸ per pair,
+    which the report's counts would catch."""
+    digest = hashlib.blake2b(id_text(values).encode(), digest_size=16).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def id_text(values: tuple[Any, ...]) -> str:
-    return json.dumps([_jsonable(v) for v in values], separators=(",", ":"), ensure_ascii=False)
+    """The key as compact JSON text; strings, integers and finite floats (every value of a metric's key)
+    go to one encoder made once, the rest through `_jsonable`. Runs once per row of the largest tables."""
+    return _ID_ENCODER([v if type(v) in _JSON_NATIVE or type(v) is float and math.isfinite(v) else _jsonable(v)
+                        for v in values])
+
+
+_ID_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _jsonable(value: Any) -> Any:
@@ -185,17 +207,32 @@ def indexes_for(table: str, columns: dict[str, str], primary_key: tuple[str, ...
                 foreign_keys: list[tuple[str, ...]]) -> list[tuple[tuple[tuple[str, int], ...], bool]]:
     """(keys, unique) for every index of a collection, without duplicates, and without a non-unique index
     that a longer one starts with (`_served_by_another`)."""
+    secondary = [tuple((c, 1) for c in fk) for fk in foreign_keys]
+    secondary += [keys for keys in QUERY_INDEXES.get(table, ()) if all(c in columns for c, _ in keys)]
     wanted: list[tuple[tuple[tuple[str, int], ...], bool]] = [((( PARTITION_FIELD, 1),), False)]
     if primary_key:
-        wanted.append((tuple((c, 1) for c in primary_key), True))
-    wanted += [(tuple((c, 1) for c in fk), False) for fk in foreign_keys]
-    wanted += [(keys, False) for keys in QUERY_INDEXES.get(table, ()) if all(c in columns for c, _ in keys)]
+        wanted.append((_primary_key_index(primary_key, secondary), True))
+    wanted += [(keys, False) for keys in secondary]
     seen, result = set(), []
     for keys, unique in wanted:
         if keys not in seen and (unique or not _served_by_another(keys, wanted)):
             seen.add(keys)
             result.append((keys, unique))
     return result
+
+
+def _primary_key_index(primary_key: tuple[str, ...], secondary: list[tuple[tuple[str, int], ...]]
+                       ) -> tuple[tuple[str, int], ...]:
+    """The unique primary-key index, led by the longest secondary index made of key fields only.
+
+    The order of a unique index's fields does not change what it enforces, and so ordered it also serves
+    that secondary index's queries: metrics (run_uuid, key, step, timestamp, value, is_nan) is both the
+    primary key and the run/key/step path, and tags (run_uuid, key) both the key and the run_uuid foreign
+    key. One index instead of two is one pass fewer over the largest collections after the load."""
+    key = set(primary_key)
+    lead = max((keys for keys in secondary if {c for c, _ in keys} <= key), key=len, default=())
+    led = {c for c, _ in lead}
+    return lead + tuple((c, 1) for c in primary_key if c not in led)
 
 
 def _served_by_another(keys: tuple[tuple[str, int], ...],

@@ -224,7 +224,7 @@ class MlflowToMongo(Migration):
     def _flush(self, entity: str, docs: list[dict[str, Any]], outcome: ChunkOutcome) -> None:
         """Runs in the write-behind thread. It alone touches `outcome.writes`; its `rejects.extend` and
         the reading thread's conversion rejects (`append`) are single list operations, atomic in CPython."""
-        result = self.sink.upsert_documents(self.collection(entity), docs, entity=entity)
+        result = self.sink.upsert_documents(self.collection(entity), docs, entity=entity, key=self.tables[entity].key)
         outcome.rejects.extend(result.rejects)
         outcome.writes.setdefault(entity, WriteCounts())
         outcome.writes[entity] += result.counts

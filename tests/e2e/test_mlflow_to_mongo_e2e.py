@@ -83,7 +83,10 @@ def test_clean_run_every_table_counted_and_checked(m2m, baseline):
     entities = {c["entity"] for c in baseline["checks"]}
     assert {"metrics(run_uuid) → runs", "runs(experiment_id) → experiments", "metrics (sample)"} <= entities
     assert {f"{table} (indexes)" for table in source_tables} <= entities  # built by the coordinator, then checked
-    assert ["run_uuid", "key", "step"] in [[f for f, _ in i["key"]] for i in mongo["metrics"].index_information().values()]
+    # the run/key/step query path, served by the unique primary-key index that starts with it
+    assert [(["run_uuid", "key", "step"], True)] == [
+        ([f for f, _ in i["key"]][:3], i.get("unique", False)) for i in mongo["metrics"].index_information().values()
+        if [f for f, _ in i["key"]][:3] == ["run_uuid", "key", "step"]]
     assert all(c["ok"] for c in baseline["checks"])
     assert baseline["totals"]["rows_rejected"] == 0
     printed = m2m.shuttle("report", baseline["run_id"])

@@ -68,8 +68,10 @@ class SinkContract:
         keys = sorted(tuple(spec["key"]) for spec in sink.db["model_versions"].index_information().values())
         assert keys == sorted([(("_id", 1),), (("current_stage", 1),), (("name", 1), ("version", 1))])
         sink.upsert_documents("model_versions", [{"_id": "m/1", "name": "m", "version": 1}])
-        result = sink.upsert_documents("model_versions", [{"_id": "m/1b", "name": "m", "version": 1}])
+        result = sink.upsert_documents("model_versions", [{"_id": "m/1b", "name": "m", "version": 1}],
+                                       key=("name", "version"))
         assert len(result.rejects) == 1 and "refused" in result.rejects[0].reason
+        assert result.rejects[0].key == '["m", "1"]'  # the key's values, whatever `_id` is made of
         assert result.counts.as_dict() == {"inserted": 0, "updated": 0, "unchanged": 0}
         assert sink.count("model_versions") == 1
 

@@ -1,5 +1,7 @@
 """Pure parts of mlflow-to-mongo: `_id`s, conversions, and the reference tool's config-file layout."""
 
+import base64
+import hashlib
 import json
 
 import pytest
@@ -10,10 +12,16 @@ from common.migrations.mlflow_mapping import convert_value, document_id, indexes
 from common.settings import load_settings
 
 
-def test_ids_are_the_key_or_a_stable_json_array():
+def test_ids_are_the_key_or_a_short_digest_of_a_composite_key():
     assert document_id(("abc",)) == "abc" and document_id((7,)) == 7
-    assert document_id(("loss", 17, 0, "r1", 0.5, False)) == '["loss",17,0,"r1",0.5,false]'
     assert document_id((True,)) == "[true]"
+    key = ("loss", 17, 0, "842cfe258353afc4f9dc27a04290f281", 0.5, False)
+    digest = hashlib.blake2b(b'["loss",17,0,"842cfe258353afc4f9dc27a04290f281",0.5,false]', digest_size=16).digest()
+    assert document_id(key) == base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    assert len(document_id(key)) == 22
+    others = {document_id(("loss", 17, step, "r1", value, nan)) for step in range(50)
+              for value in (0.5, float("inf"), -0.0) for nan in (True, False)}
+    assert len(others) == 300  # every key its own `_id`
 
 
 def test_conversions():
@@ -34,7 +42,7 @@ def test_document_keeps_every_column_and_its_partition():
     doc, kept = to_document("metrics", {"key": "text", "value": "double precision", "is_nan": "boolean",
                                         "step": "bigint", "run_uuid": "text"}, ("run_uuid", "key", "step"),
                             {"key": "k", "value": 0.0, "is_nan": True, "step": 3, "run_uuid": "r"}, "1")
-    assert doc == {"_id": json.dumps(["r", "k", 3], separators=(",", ":")), "key": "k", "value": 0.0, "is_nan": True,
+    assert doc == {"_id": document_id(("r", "k", 3)), "key": "k", "value": 0.0, "is_nan": True,
                    "step": 3, "run_uuid": "r", "_partition": "1"} and kept == 0
 
 
@@ -45,8 +53,15 @@ def test_indexes_unique_primary_key_foreign_keys_and_query_paths():
     assert ((("experiment_id", 1), ("start_time", -1)), False) in got
     # The foreign key experiment_id leads (experiment_id, start_time): that index serves it, no second one.
     assert ((("experiment_id", 1),), False) not in got
+    # The primary-key index leads with the query path made of key fields, and so serves it and the foreign key.
     tags = indexes_for("tags", {"key": "", "value": "", "run_uuid": ""}, ("key", "run_uuid"), [("run_uuid",)])
-    assert [keys for keys, _ in tags] == [(("_partition", 1),), (("key", 1), ("run_uuid", 1)), (("run_uuid", 1), ("key", 1))]
+    assert tags == [((("_partition", 1),), False), ((("run_uuid", 1), ("key", 1)), True)]
+    metric_columns = dict.fromkeys(("key", "value", "timestamp", "run_uuid", "step", "is_nan"), "")
+    metrics = indexes_for("metrics", metric_columns, ("key", "timestamp", "step", "run_uuid", "value", "is_nan"),
+                          [("run_uuid",)])
+    assert metrics == [((("_partition", 1),), False),
+                       ((("run_uuid", 1), ("key", 1), ("step", 1), ("timestamp", 1), ("value", 1), ("is_nan", 1)), True),
+                       ((("timestamp", 1),), False)]
     # A foreign key no longer index starts with keeps an index of its own.
     inputs = indexes_for("inputs", {"input_uuid": "", "source_id": "", "destination_id": ""}, ("input_uuid",),
                          [("source_id",)])
