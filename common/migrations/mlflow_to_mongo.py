@@ -230,7 +230,11 @@ class MlflowToMongo(Migration):
         outcome.writes[entity] += result.counts
 
     def _rows(self, table: Table, partition: str, lo: str, hi: str) -> Iterator[dict[str, Any]]:
-        """The chunk's rows in key order through a server-side cursor: memory stays flat."""
+        """The chunk's rows through a server-side cursor (memory stays flat), in the order the server finds them.
+
+        Not sorted by key: the chunk is a key range either way, its documents are written by `_id` (a digest
+        that does not follow key order), and a sort made the worker wait for the whole partition to be read
+        and sorted before its first row (0.3 s per 47k-row chunk of metrics, the server idle meanwhile)."""
         key = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in table.key)
         conditions = [sql.SQL("{} = %s").format(table.partition_expr())]
         params: list[Any] = [partition]
@@ -240,8 +244,8 @@ class MlflowToMongo(Migration):
                 conditions.append(sql.SQL("({}) " + op + " ({})").format(
                     key, sql.SQL(", ").join(sql.Placeholder() for _ in values)))
                 params += values
-        query = sql.SQL("SELECT t.* FROM {f} WHERE {w} ORDER BY {k}").format(
-            f=table.from_clause(self.schema), w=sql.SQL(" AND ").join(conditions), k=key)
+        query = sql.SQL("SELECT t.* FROM {f} WHERE {w}").format(
+            f=table.from_clause(self.schema), w=sql.SQL(" AND ").join(conditions))
         with translate_errors(f"source {self.source.public_url}"):
             conn = self.source.connection()
             try:
