@@ -222,7 +222,8 @@ class Sink(BaseSink):
                 self._count_replace(doc, errors.get(index), origin, result)
 
     @staticmethod
-    def _storable(documents: Sequence[dict[str, Any]], origin: _Origin, result: DocumentWrite) -> list[dict[str, Any]]:
+    def _storable(documents: Sequence[dict[str, Any]], origin: _Origin,
+                  result: DocumentWrite) -> list[dict[str, Any]]:
         """The documents MongoDB can store; the others become rejects with the reason."""
         storable = []
         for doc in documents:
