@@ -232,9 +232,10 @@ class MlflowToMongo(Migration):
     def _rows(self, table: Table, partition: str, lo: str, hi: str) -> Iterator[dict[str, Any]]:
         """The chunk's rows through a server-side cursor (memory stays flat), in the order the server finds them.
 
-        Not sorted by key: the chunk is a key range either way, its documents are written by `_id` (a digest
-        that does not follow key order), and a sort made the worker wait for the whole partition to be read
-        and sorted before its first row (0.3 s per 47k-row chunk of metrics, the server idle meanwhile)."""
+        Not sorted by key: the chunk is a key range either way, its documents are written by `_id` in any
+        order (a composite key's digest does not follow key order anyway), and a sort made the worker wait
+        for the whole partition to be read and sorted before its first row (0.3 s per 47k-row chunk of
+        metrics, the server idle meanwhile)."""
         key = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in table.key)
         conditions = [sql.SQL("{} = %s").format(table.partition_expr())]
         params: list[Any] = [partition]
