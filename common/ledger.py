@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert as pg_insert
 
 from common.errors import ServiceUnavailable, TransientError
-from common.model import ChunkOutcome, ChunkSpec
+from common.model import ChunkOutcome, ChunkSpec, WriteCounts
 from common.urls import mask, sqlalchemy_url
 
 SCHEMA = "shuttle"
@@ -372,9 +372,9 @@ class Ledger:
                 g["rows_rejected"] += r["rows_rejected"]
                 g["chunk_seconds"] += r["duration_s"] or 0.0
                 for target, counts in r["writes"].items():
-                    acc = g["writes"].setdefault(target, {"inserted": 0, "updated": 0, "unchanged": 0})
+                    acc = g["writes"].setdefault(target, WriteCounts.zero())
                     for k, v in counts.items():
-                        acc[k] += v
+                        acc[k] = acc.get(k, 0) + v
         return sorted(grouped.values(), key=lambda g: (g["entity"], g["partition"]))
 
     def rejects_of(self, run_id: str, limit: int = 50) -> list[dict[str, Any]]:

@@ -39,24 +39,34 @@ class PartitionCount:
 
 @dataclass
 class WriteCounts:
-    """What an upsert did: rows new, rows changed, rows already identical."""
+    """What a chunk's write did to its key range: rows new, rows changed, rows already identical, and
+    rows deleted because the source no longer yields them (a chunk owns its range of the target)."""
 
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    deleted: int = 0
 
     def __iadd__(self, other: WriteCounts) -> WriteCounts:
         self.inserted += other.inserted
         self.updated += other.updated
         self.unchanged += other.unchanged
+        self.deleted += other.deleted
         return self
 
     @property
     def written(self) -> int:
-        return self.inserted + self.updated
+        """Rows the write changed in the target: inserted, rewritten or deleted."""
+        return self.inserted + self.updated + self.deleted
 
     def as_dict(self) -> dict[str, int]:
-        return {"inserted": self.inserted, "updated": self.updated, "unchanged": self.unchanged}
+        return {"inserted": self.inserted, "updated": self.updated, "unchanged": self.unchanged,
+                "deleted": self.deleted}
+
+    @classmethod
+    def zero(cls) -> dict[str, int]:
+        """The counts of a target nothing was written to, as `as_dict` spells them."""
+        return cls().as_dict()
 
 
 @dataclass(frozen=True)

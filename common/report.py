@@ -11,6 +11,7 @@ from typing import Any
 
 from common.ledger import TERMINAL_CHUNK_STATES, Ledger, RunRecord
 from common.migrations.base import Migration, Selection
+from common.model import WriteCounts
 from common.urls import mask
 
 CLEAN = "clean"
@@ -56,20 +57,22 @@ def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[s
             targets = [source_entity] if source_entity in target_entities or set(planned) <= set(target_entities) \
                 else target_entities
             for target in targets:
-                writes = g.get("writes", {}).get(target, {"inserted": 0, "updated": 0, "unchanged": 0})
-                acc = per_target.setdefault(target, {"inserted": 0, "updated": 0, "unchanged": 0, "target_rows": 0})
-                for k in ("inserted", "updated", "unchanged"):
+                writes = {**WriteCounts.zero(), **g.get("writes", {}).get(target, {})}
+                acc = per_target.setdefault(target, {**WriteCounts.zero(), "target_rows": 0})
+                for k in WriteCounts.zero():
                     acc[k] += writes[k]
                 acc["target_rows"] += target_rows.get((target, partition), 0)
                 rows.append({
                     "entity": target, "source_entity": source_entity, "partition": partition,
                     "source_rows": source_rows, "rows_read": g.get("rows_read", 0),
-                    "rows_written": writes["inserted"] + writes["updated"], "rows_inserted": writes["inserted"],
+                    "rows_written": writes["inserted"] + writes["updated"] + writes["deleted"],
+                    "rows_inserted": writes["inserted"],
                     "rows_updated": writes["updated"], "rows_unchanged": writes["unchanged"],
+                    "rows_deleted": writes["deleted"],
                     "rows_rejected": g.get("rows_rejected", 0),
                     "target_rows": target_rows.get((target, partition), 0),
                 })
-    written = sum(t["inserted"] + t["updated"] for t in per_target.values())
+    written = sum(t["inserted"] + t["updated"] + t["deleted"] for t in per_target.values())
     verdict, reason = _verdict(run, progress.chunks, finished, totals, checks, written)
     timing = ledger.run_timing(run.run_id)
     wall = timing.get("wall_seconds") or 0
@@ -87,6 +90,7 @@ def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[s
         "chunks": {"total": progress.chunk_count, **progress.chunks},
         "totals": {**totals, "rows_written": written,
                    "rows_unchanged": sum(t["unchanged"] for t in per_target.values()),
+                   "rows_deleted": sum(t["deleted"] for t in per_target.values()),
                    "targets": per_target},
         "partitions": rows,
         "checks": [c.as_dict() for c in checks],

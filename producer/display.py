@@ -84,10 +84,11 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
         console.print(table)
     totals = report["totals"]
     console.print(f"source rows {totals['source_rows']:,} · read {totals['rows_read']:,} · written "
-                  f"{totals['rows_written']:,} · unchanged {totals['rows_unchanged']:,} · rejected {totals['rows_rejected']:,}")
+                  f"{totals['rows_written']:,} · unchanged {totals['rows_unchanged']:,} · deleted {totals['rows_deleted']:,}"
+                  f" · rejected {totals['rows_rejected']:,}")
     for target, t in sorted(totals["targets"].items()):
         console.print(f"  {target}: {t['target_rows']:,} rows (inserted {t['inserted']:,}, updated "
-                      f"{t['updated']:,}, unchanged {t['unchanged']:,})")
+                      f"{t['updated']:,}, unchanged {t['unchanged']:,}, deleted {t['deleted']:,})")
     bad = [c for c in report["checks"] if not c["ok"]]
     if report["checks"]:
         show_check_summary(console, report["checks"])
