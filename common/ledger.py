@@ -7,103 +7,27 @@ aggregated from it, so a chunk delivered twice is counted once (its row is overw
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Sequence
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB, insert as pg_insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from common.errors import ServiceUnavailable, TransientError
+from common.ledger_schema import (SCHEMA, TERMINAL_CHUNK_STATES, add_missing_columns, chunks, events, metadata,
+                                  rejects, reports, runs, verifications)
 from common.model import ChunkOutcome, ChunkSpec, WriteCounts
 from common.urls import mask, sqlalchemy_url
 
-SCHEMA = "shuttle"
 RAW_EXCERPT_CHARS = 500
-TERMINAL_CHUNK_STATES = ("done", "failed", "cancelled")
-
-metadata = sa.MetaData(schema=SCHEMA)
-
-runs = sa.Table(
-    "runs", metadata,
-    sa.Column("run_id", sa.Text, primary_key=True),
-    sa.Column("migration", sa.Text, nullable=False),
-    sa.Column("status", sa.Text, nullable=False),  # running | cancelled | completed | failed
-    sa.Column("selection", JSONB, nullable=False),
-    sa.Column("options", JSONB, nullable=False),
-    sa.Column("source_url", sa.Text),  # never with a password: see common.urls.strip_password
-    sa.Column("target_url", sa.Text),
-    sa.Column("total_rows", sa.BigInteger, nullable=False),
-    sa.Column("chunk_count", sa.Integer, nullable=False),
-    sa.Column("max_rejects", sa.BigInteger),
-    sa.Column("finalize_enqueued", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    sa.Column("finished_at", sa.DateTime(timezone=True)),
-)
-
-chunks = sa.Table(
-    "chunks", metadata,
-    sa.Column("chunk_id", sa.Text, primary_key=True),
-    sa.Column("run_id", sa.Text, sa.ForeignKey(runs.c.run_id, ondelete="CASCADE"), nullable=False),
-    sa.Column("seq", sa.Integer, nullable=False),
-    sa.Column("entity", sa.Text, nullable=False),
-    sa.Column("partition", sa.Text, nullable=False),
-    sa.Column("lo", sa.Text, nullable=False),
-    sa.Column("hi", sa.Text, nullable=False),
-    sa.Column("est_rows", sa.BigInteger, nullable=False),
-    sa.Column("state", sa.Text, nullable=False, server_default="queued"),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("rows_read", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("rows_inserted", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("rows_updated", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("rows_unchanged", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("rows_rejected", sa.BigInteger, nullable=False, server_default="0"),
-    sa.Column("writes", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
-    sa.Column("worker", sa.Text),
-    sa.Column("error", sa.Text),
-    sa.Column("started_at", sa.DateTime(timezone=True)),
-    sa.Column("finished_at", sa.DateTime(timezone=True)),
-    sa.Column("duration_s", sa.Float),
-    sa.Index("chunks_run_state", "run_id", "state"),
-)
-
-rejects = sa.Table(
-    "rejects", metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("run_id", sa.Text, sa.ForeignKey(runs.c.run_id, ondelete="CASCADE"), nullable=False),
-    sa.Column("chunk_id", sa.Text, nullable=False),
-    sa.Column("entity", sa.Text, nullable=False),
-    sa.Column("partition", sa.Text, nullable=False),
-    sa.Column("key", sa.Text, nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("raw_excerpt", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    sa.Index("rejects_chunk", "chunk_id"),
-    sa.Index("rejects_run", "run_id"),
-)
-
-verifications = sa.Table(
-    "verifications", metadata,
-    sa.Column("run_id", sa.Text, sa.ForeignKey(runs.c.run_id, ondelete="CASCADE"), primary_key=True),
-    sa.Column("entity", sa.Text, primary_key=True),
-    sa.Column("partition", sa.Text, primary_key=True),
-    sa.Column("source_rows", sa.BigInteger, nullable=False),
-    sa.Column("target_rows", sa.BigInteger, nullable=False),
-    sa.Column("rejected_rows", sa.BigInteger, nullable=False),
-    sa.Column("ok", sa.Boolean, nullable=False),
-    sa.Column("detail", sa.Text, nullable=False, server_default=""),
-    sa.Column("verified_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-)
-
-reports = sa.Table(
-    "reports", metadata,
-    sa.Column("run_id", sa.Text, sa.ForeignKey(runs.c.run_id, ondelete="CASCADE"), primary_key=True),
-    sa.Column("verdict", sa.Text, nullable=False),
-    sa.Column("body", JSONB, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-)
-
+SWEEPER_LOCK = "shuttle.sweeper:"
+# SQLSTATEs a retry can get past: serialization failure, deadlock, lock timeout, statement timeout,
+# the server shutting down or not yet accepting connections, too many connections.
+_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "53300"}
 
 @dataclass(frozen=True)
 class RunRecord:
@@ -119,6 +43,7 @@ class RunRecord:
     max_rejects: int | None
     created_at: datetime | None = None
     finished_at: datetime | None = None
+    queue: str = "shuttle"
 
 
 @dataclass(frozen=True)
@@ -128,6 +53,32 @@ class ChunkRecord:
     spec: ChunkSpec
     state: str
     attempts: int
+    worker: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A chunk held by one attempt: only the attempt with this token may record the chunk's outcome."""
+
+    run: RunRecord
+    chunk: ChunkRecord
+    token: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Why a delivered chunk is not run: done already, held by a live attempt, cancelled, or unknown."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording an attempt's end did: whether it was stored (the attempt held the chunk), and
+    whether it was the run's last open chunk (the caller starts the coordinator)."""
+
+    stored: bool
+    run_finished: bool
 
 
 @dataclass(frozen=True)
@@ -148,19 +99,26 @@ class Progress:
 
 
 class Ledger:
-    """All ledger reads and writes; one instance per process, built from the ledger URL."""
+    """All ledger reads and writes; one instance per process, built from the ledger URL.
 
-    def __init__(self, url: str) -> None:
+    Every database error a retry can get past (a lost connection anywhere in a transaction, a deadlock,
+    a server restarting) surfaces as `TransientError`, so a worker retries the task instead of
+    acknowledging a chunk whose outcome was never written.
+    """
+
+    def __init__(self, url: str, pooled: bool = True) -> None:
         self.public_url = mask(url)
         self._url = url
+        pool: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4} if pooled \
+            else {"poolclass": sa.pool.NullPool}
         self.engine = sa.create_engine(
-            sqlalchemy_url(url), pool_pre_ping=True, pool_size=2, max_overflow=4,
-            connect_args={"connect_timeout": 10, "application_name": "shuttle-ledger"})
+            sqlalchemy_url(url), **pool, connect_args={"connect_timeout": 10, "application_name": "shuttle-ledger"})
 
     # -- setup -------------------------------------------------------------------------------------
 
     def ensure_schema(self) -> None:
-        """Create database, schema and tables if missing; safe when several processes start at once."""
+        """Create database, schema and tables if missing, add columns of later versions; safe when
+        several processes start at once."""
         from common.connectors.postgres import create_database
 
         create_database(self._url)
@@ -169,6 +127,7 @@ class Ledger:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('shuttle.ledger.schema'))"))
                 conn.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
                 metadata.create_all(conn, checkfirst=True)
+                add_missing_columns(conn)
         except sa.exc.OperationalError as exc:
             raise ServiceUnavailable(
                 f"ledger database {self.public_url} is unreachable: {_first_line(exc)}; "
@@ -177,15 +136,28 @@ class Ledger:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    @contextmanager
+    def transaction(self) -> Iterator[sa.Connection]:
+        """One ledger transaction; database errors a retry can fix become `TransientError`."""
+        with _transient(self.public_url), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def reading(self) -> Iterator[sa.Connection]:
+        """A connection for reads, with the same translation of transient errors."""
+        with _transient(self.public_url), self.engine.connect() as conn:
+            yield conn
+
     # -- planning ----------------------------------------------------------------------------------
 
     def create_run(self, run: RunRecord, specs: Sequence[ChunkSpec]) -> None:
         """Record the run and its plan in one transaction: a run exists whole or not at all."""
-        with self.engine.begin() as conn:
+        with self.transaction() as conn:
             conn.execute(runs.insert().values(
                 run_id=run.run_id, migration=run.migration, status=run.status, selection=run.selection,
                 options=run.options, source_url=run.source_url, target_url=run.target_url,
-                total_rows=run.total_rows, chunk_count=run.chunk_count, max_rejects=run.max_rejects))
+                total_rows=run.total_rows, chunk_count=run.chunk_count, max_rejects=run.max_rejects,
+                queue=run.queue))
             rows = [dict(chunk_id=s.chunk_id(run.run_id), run_id=run.run_id, seq=i, entity=s.entity,
                          partition=s.partition, lo=s.lo, hi=s.hi, est_rows=s.est_rows)
                     for i, s in enumerate(specs)]
@@ -193,12 +165,12 @@ class Ledger:
                 conn.execute(chunks.insert(), rows[start:start + 5000])
 
     def get_run(self, run_id: str) -> RunRecord | None:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             row = conn.execute(sa.select(runs).where(runs.c.run_id == run_id)).mappings().first()
         return _run_record(row) if row else None
 
     def latest_runs(self, limit: int = 20) -> list[RunRecord]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(sa.select(runs).order_by(runs.c.created_at.desc()).limit(limit)).mappings()
             return [_run_record(r) for r in rows]
 
@@ -206,37 +178,65 @@ class Ledger:
         query = sa.select(chunks).where(chunks.c.run_id == run_id).order_by(chunks.c.seq)
         if states is not None:
             query = query.where(chunks.c.state.in_(list(states)))
-        with self.engine.connect() as conn:
-            return [_chunk_record(r) for r in conn.execute(query).mappings()]
+        with self.reading() as conn:
+            return [chunk_record(r) for r in conn.execute(query).mappings()]
 
-    # -- the worker's side -------------------------------------------------------------------------
+    # -- the worker's side: one attempt at a chunk -------------------------------------------------
 
-    def claim_chunk(self, chunk_id: str, worker: str) -> tuple[RunRecord, ChunkRecord] | None:
-        """Mark a chunk running; None when it should be skipped (done already, run cancelled, unknown)."""
-        with self._transaction() as conn:
+    def claim_chunk(self, chunk_id: str, worker: str, stale_after: float, reclaim: str | None = None,
+                    holder_gone: Callable[[str], bool] = lambda worker: False) -> Claim | Skipped:
+        """Give the chunk to a new attempt, or say why this delivery is skipped.
+
+        A chunk another attempt holds is skipped while that attempt's heartbeat is fresh and its worker
+        is not known to be gone: a duplicate delivery (two resumes, a message re-sent by the sweeper)
+        then never runs a chunk twice at once, and the first attempt's counts are the ones recorded.
+        `reclaim` is the token of this task's previous attempt (a retry continuing its own claim).
+        """
+        with self.transaction() as conn:
             row = conn.execute(
-                sa.select(chunks, runs.c.status.label("run_status")).join(runs)
-                .where(chunks.c.chunk_id == chunk_id).with_for_update(of=chunks)).mappings().first()
-            if row is None or row["state"] == "done":
-                return None  # a redelivered copy of a finished chunk: its result is already recorded
+                sa.select(chunks, runs.c.status.label("run_status"),
+                          sa.extract("epoch", sa.func.now() - chunks.c.heartbeat_at).label("silent_s"))
+                .join(runs).where(chunks.c.chunk_id == chunk_id).with_for_update(of=chunks)).mappings().first()
+            if row is None:
+                return Skipped("not in the ledger")
+            if row["state"] == "done":
+                return Skipped("done already")  # a redelivered copy: its result is already recorded
             if row["run_status"] == "cancelled":
                 if row["state"] not in TERMINAL_CHUNK_STATES:
                     conn.execute(chunks.update().where(chunks.c.chunk_id == chunk_id).values(state="cancelled"))
-                return None
+                return Skipped("run cancelled")
+            held = row["state"] == "running" and row["attempt"] is not None and row["attempt"] != reclaim
+            silent = row["silent_s"]
+            if held and silent is not None and float(silent) < stale_after and not holder_gone(row["worker"] or ""):
+                return Skipped(f"held by {row['worker']} (heartbeat {max(0.0, float(silent)):.0f}s ago)")
+            token = secrets.token_hex(8)
             conn.execute(chunks.update().where(chunks.c.chunk_id == chunk_id).values(
-                state="running", attempts=chunks.c.attempts + 1, worker=worker, error=None,
-                started_at=sa.func.now()))
+                state="running", attempts=chunks.c.attempts + 1, worker=worker, error=None, attempt=token,
+                heartbeat_at=sa.func.now(), started_at=sa.func.now()))
             run = conn.execute(sa.select(runs).where(runs.c.run_id == row["run_id"])).mappings().one()
-            return _run_record(run), _chunk_record(row)
+            return Claim(_run_record(run), chunk_record(row), token)
 
-    def record_outcome(self, chunk: ChunkRecord, outcome: ChunkOutcome, duration_s: float) -> bool:
-        """Store a finished chunk's counts and rejects; True when this was the run's last chunk.
+    def heartbeat(self, chunk_id: str, token: str, extend_s: float = 0.0) -> bool:
+        """Renew the attempt's hold (for `extend_s` more seconds, e.g. a retry's backoff); False when
+        the attempt no longer holds the chunk (a sweeper gave it to another)."""
+        with self.transaction() as conn:
+            held = conn.execute(chunks.update().where(
+                chunks.c.chunk_id == chunk_id, chunks.c.attempt == token, chunks.c.state == "running")
+                .values(heartbeat_at=sa.func.now() + seconds(extend_s))
+                .returning(chunks.c.chunk_id)).first()
+        return held is not None
 
-        Rejects of earlier attempts are replaced, so a redelivered chunk is never counted twice.
+    def record_outcome(self, chunk: ChunkRecord, token: str, outcome: ChunkOutcome, duration_s: float) -> Recorded:
+        """Store a finished attempt's counts and rejects, if it still holds the chunk.
+
+        A chunk already done keeps its first counts, and an attempt that lost its hold records
+        nothing: under any number of duplicate deliveries each chunk is counted exactly once.
         """
         totals = outcome.totals()
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             self._lock_run(conn, chunk.run_id)
+            if not self._holds(conn, chunk.chunk_id, token):
+                return Recorded(stored=False, run_finished=False)
             conn.execute(rejects.delete().where(rejects.c.chunk_id == chunk.chunk_id))
             if outcome.rejects:
                 conn.execute(rejects.insert(), [dict(
@@ -248,37 +248,46 @@ class Ledger:
                 rows_updated=totals.updated, rows_unchanged=totals.unchanged,
                 rows_rejected=len(outcome.rejects), error=None, duration_s=duration_s,
                 writes={name: counts.as_dict() for name, counts in outcome.writes.items()},
-                finished_at=sa.func.now()))
-            return self._claim_finalize(conn, chunk.run_id)
+                finished_at=sa.func.now(), heartbeat_at=None))
+            return Recorded(stored=True, run_finished=self._claim_finalize(conn, chunk.run_id))
 
-    def record_failure(self, chunk: ChunkRecord, error: str) -> bool:
-        """Mark a chunk failed with a masked error; True when this was the run's last chunk."""
-        with self._transaction() as conn:
+    def record_failure(self, chunk: ChunkRecord, token: str, error: str) -> Recorded:
+        """Mark the chunk failed with a masked error, if this attempt still holds it."""
+        with self.transaction() as conn:
             self._lock_run(conn, chunk.run_id)
+            if not self._holds(conn, chunk.chunk_id, token):
+                return Recorded(stored=False, run_finished=False)
             conn.execute(chunks.update().where(chunks.c.chunk_id == chunk.chunk_id).values(
-                state="failed", error=mask(error)[:2000], finished_at=sa.func.now()))
-            return self._claim_finalize(conn, chunk.run_id)
+                state="failed", error=mask(error)[:2000], finished_at=sa.func.now(), heartbeat_at=None))
+            return Recorded(stored=True, run_finished=self._claim_finalize(conn, chunk.run_id))
+
+    @staticmethod
+    def _holds(conn: sa.Connection, chunk_id: str, token: str) -> bool:
+        current = conn.execute(sa.select(chunks.c.state, chunks.c.attempt)
+                               .where(chunks.c.chunk_id == chunk_id).with_for_update()).first()
+        return current is not None and current.state == "running" and current.attempt == token
 
     def claim_finalize(self, run_id: str) -> bool:
         """True for exactly one caller once no chunk of the run is queued or running."""
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             self._lock_run(conn, run_id)
             return self._claim_finalize(conn, run_id)
 
     def get_chunk_error(self, chunk_id: str) -> str | None:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return conn.execute(sa.select(chunks.c.error).where(chunks.c.chunk_id == chunk_id)).scalar()
 
     def get_chunk(self, chunk_id: str) -> ChunkRecord | None:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             row = conn.execute(sa.select(chunks).where(chunks.c.chunk_id == chunk_id)).mappings().first()
-        return _chunk_record(row) if row else None
+        return chunk_record(row) if row else None
 
     @staticmethod
     def _lock_run(conn: sa.Connection, run_id: str) -> None:
         # Serialises the "am I last?" check: without it two workers finishing the last two chunks
-        # at once could each see the other's chunk still running, and nobody would finalize.
-        conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id == run_id).with_for_update())
+        # at once could each see the other's chunk still running, and nobody would finalize. NO KEY
+        # UPDATE, so rows that merely reference the run (rejects, events) can still be inserted meanwhile.
+        conn.execute(sa.select(runs.c.run_id).where(runs.c.run_id == run_id).with_for_update(key_share=True))
 
     @staticmethod
     def _claim_finalize(conn: sa.Connection, run_id: str) -> bool:
@@ -287,32 +296,36 @@ class Ledger:
         claimed = conn.execute(
             runs.update().where(runs.c.run_id == run_id, runs.c.finalize_enqueued.is_(False),
                                 ~sa.exists(open_chunks))
-            .values(finalize_enqueued=True).returning(runs.c.run_id)).first()
+            .values(finalize_enqueued=True, finalize_enqueued_at=sa.func.now()).returning(runs.c.run_id)).first()
         return claimed is not None
 
     # -- control -----------------------------------------------------------------------------------
 
     def cancel(self, run_id: str) -> int:
         """Cancel a run: queued chunks will be skipped; running ones finish. Returns chunks skipped."""
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             self._lock_run(conn, run_id)
             conn.execute(runs.update().where(runs.c.run_id == run_id).values(status="cancelled"))
             skipped = conn.execute(chunks.update().where(
                 chunks.c.run_id == run_id, chunks.c.state == "queued").values(state="cancelled")).rowcount
             return skipped
 
-    def reopen(self, run_id: str, still_running: Collection[str] = ()) -> list[ChunkRecord]:
-        """Prepare a resume: every chunk not done is queued again, stale `running` ones too, except the
-        `running` chunks in `still_running` (a live worker is in them now: they end and record themselves)."""
-        with self._transaction() as conn:
+    def reopen(self, run_id: str, stale_after: float) -> tuple[list[ChunkRecord], int]:
+        """Prepare a resume: every chunk not done is queued again, stale `running` ones too; a chunk whose
+        attempt's heartbeat is fresh is left to finish and record itself (it is not run twice).
+
+        Returns the chunks queued and how many were left running."""
+        with self.transaction() as conn:
             self._lock_run(conn, run_id)
             conn.execute(runs.update().where(runs.c.run_id == run_id).values(
                 status="running", finalize_enqueued=False, finished_at=None))
-            live = sa.and_(chunks.c.state == "running", chunks.c.chunk_id.in_(list(still_running)))
-            conn.execute(chunks.update().where(
-                chunks.c.run_id == run_id, chunks.c.state != "done", ~live).values(state="queued"))
+            live = sa.and_(chunks.c.state == "running", chunks.c.heartbeat_at.is_not(None),
+                           chunks.c.heartbeat_at > sa.func.now() - seconds(stale_after))
+            conn.execute(chunks.update().where(chunks.c.run_id == run_id, chunks.c.state != "done", ~live).values(
+                state="queued", attempt=None, heartbeat_at=None, queued_at=sa.func.now()))
+            left = conn.execute(sa.select(sa.func.count()).where(chunks.c.run_id == run_id, live)).scalar_one()
             conn.execute(reports.delete().where(reports.c.run_id == run_id))
-        return self.chunks_of(run_id, states=["queued"])
+        return self.chunks_of(run_id, states=["queued"]), int(left)
 
     def close_run(self, run_id: str, status: str, verdict: str, body: dict[str, Any],
                   chunk_states: dict[str, int]) -> bool:
@@ -323,7 +336,7 @@ class Ledger:
         reopens the run. Closing it then would mark the resumed run cancelled again, and the workers
         would skip every chunk the resume queued. Under the run's lock, so no reopen slips in between.
         """
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             self._lock_run(conn, run_id)
             if {state: n for state, (n, _) in self._chunk_states(conn, run_id).items()} != chunk_states:
                 return False
@@ -332,14 +345,14 @@ class Ledger:
             return True
 
     def set_run_status(self, run_id: str, status: str) -> None:
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             conn.execute(runs.update().where(runs.c.run_id == run_id).values(
                 status=status, finished_at=sa.func.now()))
 
     # -- reading for progress and reports ---------------------------------------------------------
 
     def progress(self, run_id: str) -> Progress:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             total = conn.execute(sa.select(runs.c.total_rows).where(runs.c.run_id == run_id)).scalar_one()
             states = self._chunk_states(conn, run_id)
         done = states.get("done", (0, 0))[1]
@@ -355,7 +368,7 @@ class Ledger:
 
     def partition_totals(self, run_id: str) -> list[dict[str, Any]]:
         """Per (entity, partition): chunks by state, rows read, rejected, and per-target writes."""
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(
                 sa.select(chunks.c.entity, chunks.c.partition, chunks.c.state, chunks.c.rows_read,
                           chunks.c.rows_rejected, chunks.c.writes, chunks.c.est_rows, chunks.c.duration_s)
@@ -378,19 +391,19 @@ class Ledger:
         return sorted(grouped.values(), key=lambda g: (g["entity"], g["partition"]))
 
     def rejects_of(self, run_id: str, limit: int = 50) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             rows = conn.execute(sa.select(rejects.c.entity, rejects.c.partition, rejects.c.key,
                                           rejects.c.reason, rejects.c.raw_excerpt)
                                 .where(rejects.c.run_id == run_id).order_by(rejects.c.id).limit(limit))
             return [dict(r) for r in rows.mappings()]
 
     def rejected_keys(self, run_ids: Sequence[str], partitions: Sequence[str]) -> list[str]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return list(conn.execute(sa.select(rejects.c.key).where(
                 rejects.c.run_id.in_(list(run_ids)), rejects.c.partition.in_(list(partitions)))).scalars())
 
     def run_timing(self, run_id: str) -> dict[str, Any]:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             row = conn.execute(sa.select(sa.func.min(chunks.c.started_at), sa.func.max(chunks.c.finished_at),
                                          sa.func.sum(chunks.c.attempts))
                                .where(chunks.c.run_id == run_id)).one()
@@ -402,7 +415,7 @@ class Ledger:
     # -- reports and verifications -----------------------------------------------------------------
 
     def save_report(self, run_id: str, verdict: str, body: dict[str, Any]) -> None:
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             self._save_report(conn, run_id, verdict, body)
 
     @staticmethod
@@ -412,7 +425,7 @@ class Ledger:
             "verdict": stmt.excluded.verdict, "body": stmt.excluded.body, "created_at": sa.func.now()}))
 
     def get_report(self, run_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             return conn.execute(sa.select(reports.c.body).where(reports.c.run_id == run_id)).scalar()
 
     def save_verification(self, run_id: str, results: Sequence[dict[str, Any]]) -> None:
@@ -420,7 +433,7 @@ class Ledger:
             return
         stmt = pg_insert(verifications).values([{"run_id": run_id, **r} for r in results])
         update = {c: stmt.excluded[c] for c in ("source_rows", "target_rows", "rejected_rows", "ok", "detail")}
-        with self._transaction() as conn:
+        with self.transaction() as conn:
             conn.execute(stmt.on_conflict_do_update(
                 index_elements=["run_id", "entity", "partition"], set_={**update, "verified_at": sa.func.now()}))
 
@@ -431,34 +444,46 @@ class Ledger:
                  .where(runs.c.migration == migration, runs.c.status == "completed")
                  .order_by(verifications.c.verified_at))
         latest: dict[str, tuple[bool, str]] = {}
-        with self.engine.connect() as conn:
+        with self.reading() as conn:
             for row in conn.execute(query).mappings():
                 latest[row["partition"]] = (row["ok"], row["run_id"])
         return {partition: run_id for partition, (ok, run_id) in latest.items() if ok}
 
-    def _transaction(self):
-        return _LedgerTransaction(self)
+    def event_counts(self, run_id: str) -> dict[str, int]:
+        """How often the run healed by itself, per kind (stale, lost, finalize)."""
+        with self.reading() as conn:
+            rows = conn.execute(sa.select(events.c.kind, sa.func.count()).where(events.c.run_id == run_id)
+                                .group_by(events.c.kind)).all()
+        return {kind: int(n) for kind, n in rows}
+
+    def events_since(self, run_id: str, after_id: int = 0) -> list[dict[str, Any]]:
+        """What healed the run by itself since event `after_id`, oldest first."""
+        with self.reading() as conn:
+            rows = conn.execute(sa.select(events).where(events.c.run_id == run_id, events.c.id > after_id)
+                                .order_by(events.c.id)).mappings()
+            return [dict(r) for r in rows]
 
 
-class _LedgerTransaction:
-    """`engine.begin()` that turns lost connections into `TransientError` (retried by workers)."""
+def seconds(value: float) -> sa.ColumnElement:
+    """A SQL interval of `value` seconds."""
+    return sa.func.make_interval(0, 0, 0, 0, 0, 0, float(value))
 
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
-        self._cm: Any = None
 
-    def __enter__(self) -> sa.Connection:
-        try:
-            self._cm = self._ledger.engine.begin()
-            return self._cm.__enter__()
-        except sa.exc.OperationalError as exc:
-            raise TransientError(f"ledger {self._ledger.public_url}: {_first_line(exc)}") from None
+@contextmanager
+def _transient(public_url: str) -> Iterator[None]:
+    """Database errors a retry can get past become `TransientError`, wherever in a transaction they happen."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        if _is_transient(exc):
+            raise TransientError(f"ledger {public_url}: {_first_line(exc)}") from None
+        raise
 
-    def __exit__(self, *exc_info: Any) -> bool:
-        try:
-            return bool(self._cm.__exit__(*exc_info))
-        except sa.exc.OperationalError as exc:
-            raise TransientError(f"ledger {self._ledger.public_url}: {_first_line(exc)}") from None
+
+def _is_transient(exc: sa.exc.DBAPIError) -> bool:
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or exc.connection_invalidated:
+        return True
+    return (getattr(exc.orig, "sqlstate", None) or "") in _TRANSIENT_SQLSTATES
 
 
 def _run_record(row: Any) -> RunRecord:
@@ -466,14 +491,15 @@ def _run_record(row: Any) -> RunRecord:
                      selection=row["selection"], options=row["options"], source_url=row["source_url"],
                      target_url=row["target_url"], total_rows=row["total_rows"],
                      chunk_count=row["chunk_count"], max_rejects=row["max_rejects"],
-                     created_at=row["created_at"], finished_at=row["finished_at"])
+                     created_at=row["created_at"], finished_at=row["finished_at"], queue=row["queue"])
 
 
-def _chunk_record(row: Any) -> ChunkRecord:
+def chunk_record(row: Any) -> ChunkRecord:
+    """A chunk row of the ledger (from any query selecting the chunks table's columns) as a record."""
     spec = ChunkSpec(entity=row["entity"], partition=row["partition"], lo=row["lo"],
                      hi=row["hi"], est_rows=row["est_rows"])
     return ChunkRecord(chunk_id=row["chunk_id"], run_id=row["run_id"], spec=spec, state=row["state"],
-                       attempts=row["attempts"])
+                       attempts=row["attempts"], worker=row["worker"])
 
 
 def _first_line(exc: BaseException) -> str:

@@ -78,6 +78,7 @@ def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[s
     wall = timing.get("wall_seconds") or 0
     timing["rows_per_second"] = round(totals["rows_read"] / wall) if wall else None
     timing["redeliveries"] = max(0, timing["attempts"] - progress.chunks.get("done", 0) - progress.chunks.get("failed", 0))
+    timing["healed"] = ledger.event_counts(run.run_id)  # stale chunks and lost messages sent again, coordinators started
     return {
         "run_id": run.run_id,
         "migration": run.migration,

@@ -47,8 +47,17 @@ class Settings(BaseSettings):
     sample: int | None = Field(default=None, ge=0, description="Rows per table compared field by field.")
     dry_run: bool = Field(default=False, description="`shuttle run` only shows the plan.")
     visibility_timeout: int = Field(default=6 * 3600, gt=0, description="Seconds; above the longest chunk.")
-    task_max_retries: int = Field(default=5, ge=0)
+    task_max_retries: int = Field(default=8, ge=0, description="Retries of a transient error: about 3 minutes.")
     retry_backoff_max: int = Field(default=60, gt=0)
+    heartbeat_interval: float = Field(default=5.0, gt=0, description="Seconds between a running chunk's heartbeats.")
+    stale_after: float = Field(default=30.0, gt=0, description="Seconds of silence after which a running "
+                               "chunk's worker is taken for gone and the chunk is sent again.")
+    sweep_interval: float = Field(default=10.0, gt=0, description="Seconds between two sweeps (workers, `watch`).")
+    lost_after: float = Field(default=30.0, gt=0, description="Seconds a queued chunk may be missing from the "
+                              "broker before it is sent again.")
+    finalize_stale_after: float = Field(default=300.0, gt=0, description="Seconds after which a coordinator "
+                                        "that has not closed its run is started again.")
+    sweeper: bool = Field(default=True, description="Workers sweep stale and lost chunks (one at a time).")
     migrations: dict[str, MigrationSettings] = Field(default_factory=dict)
 
     def urls_for(self, migration: str) -> tuple[str | None, str | None]:

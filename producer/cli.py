@@ -19,9 +19,11 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from common.broker import Broker
 from common.errors import ConfigError, ShuttleError
 from common.migrations.base import Selection
 from common.settings import Settings, load_settings
+from common.sweeper import Sweeper
 from common.urls import mask
 from producer import commands, display
 from producer.progress import follow
@@ -196,9 +198,11 @@ def cancel(settings: Settings, run_id: str) -> None:
 def resume(settings: Settings, run_id: str, wait: bool, as_json: bool) -> None:
     """Enqueue again every chunk of a run that is not done (failed, cancelled, lost, stale).
 
-    A chunk a live worker is running now is left to finish, not run twice."""
+    A chunk whose worker is alive (a fresh heartbeat) is left to finish, not run twice. Runs heal from
+    lost workers and brokers by themselves; resume is for cancelled and failed runs."""
     resumed = commands.resume(settings, run_id)
-    left = f"; {resumed.left_running} still running on live workers, left to finish" if resumed.left_running else ""
+    left = f"; {resumed.left_running} still running (their workers are alive), left to finish" \
+        if resumed.left_running else ""
     err_console.print(f"run {run_id}: {resumed.requeued} chunks enqueued again{left}")
     if wait:
         _follow_and_exit(settings, run_id, as_json)
@@ -273,9 +277,14 @@ def demo(settings: Settings, **options: Any) -> None:
 
 def _follow_and_exit(settings: Settings, run_id: str, as_json: bool) -> None:
     with commands.open_ledger(settings) as ledger:
-        commands.require_run(ledger, run_id)
-        body = follow(err_console if as_json else console, ledger, run_id,
-                      lambda rid: commands.finalize_here(settings, ledger, rid))
+        run = commands.require_run(ledger, run_id)
+        broker = Broker(settings.model_copy(update={"queue": run.queue}))
+        try:
+            body = follow(err_console if as_json else console, ledger, run_id,
+                          lambda rid: commands.finalize_here(settings, ledger, rid),
+                          Sweeper(ledger, broker, broker.settings) if settings.sweeper else None)
+        finally:
+            broker.close()
     _print_report(body, as_json)
     sys.exit(0 if body["verdict"] == "clean" else 1)
 

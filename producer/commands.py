@@ -19,7 +19,7 @@ from common.migrations.base import Check, Selection
 from common.report import RUNNING, build_report, close_run
 from common.settings import Settings
 from common.urls import with_password
-from producer.broker import Broker
+from common.broker import Broker
 from producer.planner import Plan, make_plan, record_run
 
 
@@ -90,7 +90,7 @@ def start_run(settings: Settings, name: str, selection: Selection, chunk_rows: i
         migration.check_services()
         the_plan = make_plan(migration, selection, chunk_rows)
         migration.prepare_target()
-        run = record_run(ledger, the_plan, migration.source_url, migration.target_url, max_rejects)
+        run = record_run(ledger, the_plan, migration.source_url, migration.target_url, max_rejects, settings.queue)
         queued = ledger.chunks_of(run.run_id)
         broker.enqueue_chunks(run.run_id, queued)
         if not queued:
@@ -132,23 +132,21 @@ def cancel(settings: Settings, run_id: str) -> int:
 @dataclass(frozen=True)
 class Resumed:
     requeued: int  # chunks enqueued again
-    left_running: int  # chunks a live worker is running now: they finish and record themselves
+    left_running: int  # chunks whose attempt's heartbeat is fresh: they finish and record themselves
 
 
 def resume(settings: Settings, run_id: str) -> Resumed:
-    """Enqueue again every chunk that is not done, stale `running` ones included; a chunk a live worker
-    is running now is left to finish rather than run a second time."""
+    """Enqueue again every chunk that is not done, stale `running` ones included; a chunk whose attempt
+    is alive (fresh heartbeat) is left to finish rather than run a second time."""
     with open_ledger(settings) as ledger:
-        require_run(ledger, run_id)
-        broker = Broker(settings)
+        run = require_run(ledger, run_id)
+        broker = Broker(settings.model_copy(update={"queue": run.queue}))
         broker.check_reachable()
-        running = {c.chunk_id for c in ledger.chunks_of(run_id, states=["running"])}
-        live = running & broker.running_chunk_ids() if running else set()
-        queued = ledger.reopen(run_id, still_running=live)
+        queued, left_running = ledger.reopen(run_id, settings.stale_after)
         broker.enqueue_chunks(run_id, queued)
         if not queued and ledger.claim_finalize(run_id):
             finalize_here(settings, ledger, run_id)
-        return Resumed(requeued=len(queued), left_running=len(live))
+        return Resumed(requeued=len(queued), left_running=left_running)
 
 
 def verify(settings: Settings, run_id: str) -> list[Check]:

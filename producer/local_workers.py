@@ -69,7 +69,7 @@ class LocalWorkers:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until every started worker answers a ping."""
-        from producer.broker import Broker
+        from common.broker import Broker
 
         broker = Broker(self.settings)
         deadline = time.monotonic() + timeout

@@ -53,12 +53,13 @@ def new_run_id(migration: str) -> str:
     return f"{migration}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(2)}"
 
 
-def record_run(ledger: Ledger, plan: Plan, source_url: str, target_url: str, max_rejects: int | None) -> RunRecord:
+def record_run(ledger: Ledger, plan: Plan, source_url: str, target_url: str, max_rejects: int | None,
+               queue: str) -> RunRecord:
     """Write the run and all its chunks to the ledger in one transaction; passwords are stripped."""
     run = RunRecord(
         run_id=new_run_id(plan.migration), migration=plan.migration, status="running",
         selection=plan.selection.as_dict(), options={**plan.options, "planned": plan.planned_rows()},
         source_url=strip_password(source_url), target_url=strip_password(target_url),
-        total_rows=plan.total_rows, chunk_count=len(plan.chunks), max_rejects=max_rejects)
+        total_rows=plan.total_rows, chunk_count=len(plan.chunks), max_rejects=max_rejects, queue=queue)
     ledger.create_run(run, plan.chunks)
     return run

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import worker_process_shutdown
+from celery.signals import worker_process_shutdown, worker_ready, worker_shutting_down
 
 from common.celery_config import celery_config
 from common.settings import load_settings
 from worker.context import WorkerContext
+from worker.sweeping import SweeperThread
 
 settings = load_settings()
 app = Celery("shuttle")
@@ -22,6 +23,20 @@ app.conf.include = ["worker.tasks"]
 context = WorkerContext(settings)
 
 logging.getLogger("shuttle").setLevel(logging.INFO)
+
+
+sweeper = SweeperThread(settings)
+
+
+@worker_ready.connect
+def _start_sweeper(**_: object) -> None:
+    if settings.sweeper:
+        sweeper.start()
+
+
+@worker_shutting_down.connect
+def _stop_sweeper(**_: object) -> None:
+    sweeper.stop()
 
 
 @worker_process_shutdown.connect

@@ -1,21 +1,26 @@
-"""Runs one chunk: claim it in the ledger, copy it, record the outcome. Plain code, no Celery.
+"""Runs one attempt at a chunk: claim it in the ledger, copy it under a heartbeat, record the outcome.
+Plain code, no Celery.
 
-The task body only decodes arguments and calls `run_chunk`; everything here can be tested by
-calling it directly.
+The task body only decodes arguments and calls `run_chunk`; everything here can be tested by calling
+it directly. Every ledger or connection problem surfaces as `RetryChunk`, carrying the attempt's token
+so that the retry continues the same claim, and a chunk is never acknowledged without its outcome.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from common.errors import TransientError
-from common.ledger import ChunkRecord
+from common.ledger import ChunkRecord, Claim, Skipped
 from common.urls import mask
 from worker.context import WorkerContext
+from worker.heartbeat import Heartbeat
 
 log = logging.getLogger("shuttle.worker")
 
@@ -28,42 +33,102 @@ class ChunkResult:
     run_finished: bool
 
 
-def run_chunk(context: WorkerContext, chunk_id: str, progress: Callable[[int, int], None]) -> ChunkResult:
-    """Copy one chunk idempotently. TransientError propagates (the task retries); other errors fail it."""
-    claimed = context.ledger.claim_chunk(chunk_id, context.name)
-    if claimed is None:
-        log.info("Worker %s: skipping %s (done already, run cancelled, or unknown)", context.name, chunk_id)
-        return ChunkResult({"skipped": True}, run_finished=_finish_if_last(context, chunk_id))
-    run, chunk = claimed
-    started = time.monotonic()
-    migration = context.migration_for(run)
+class RetryChunk(Exception):
+    """A transient error during an attempt: retry the task, continuing the claim `token` (None: none held)."""
+
+    def __init__(self, token: str | None, cause: TransientError) -> None:
+        super().__init__(str(cause))
+        self.token = token
+        self.cause = cause
+
+
+def run_chunk(context: WorkerContext, chunk_id: str, progress: Callable[[int, int], None],
+              reclaim: str | None = None) -> ChunkResult:
+    """Copy one chunk idempotently. Transient errors raise RetryChunk; any other error fails the chunk."""
+    ledger, settings = context.ledger, context.settings
     try:
-        outcome = migration.run_chunk(chunk.spec, lambda rows: progress(rows, chunk.spec.est_rows))
-    except TransientError:
-        raise
+        claimed = ledger.claim_chunk(chunk_id, context.name, settings.stale_after, reclaim, holder_gone)
+    except TransientError as exc:
+        raise RetryChunk(reclaim, exc) from None
+    if isinstance(claimed, Skipped):
+        log.info("Worker %s: skipping %s: %s", context.name, chunk_id, claimed.reason)
+        return ChunkResult({"skipped": claimed.reason}, run_finished=_finish_if_last(context, chunk_id, reclaim))
+    claim: Claim = claimed
+    started = time.monotonic()
+    try:
+        migration = context.migration_for(claim.run)
+        with Heartbeat(ledger, chunk_id, claim.token, settings.heartbeat_interval):
+            outcome = migration.run_chunk(claim.chunk.spec, lambda rows: progress(rows, claim.chunk.spec.est_rows))
+    except TransientError as exc:
+        raise RetryChunk(claim.token, exc) from None
     except Exception as exc:  # noqa: BLE001 - any other error is final for this chunk: record it
-        context.forget(run.run_id)
+        context.forget(claim.run.run_id)
         message = mask(f"{type(exc).__name__}: {exc}")
         log.error("Worker %s: chunk %s failed: %s", context.name, chunk_id, message)
-        return ChunkResult({"failed": message}, run_finished=context.ledger.record_failure(chunk, message))
+        return ChunkResult({"failed": message}, run_finished=_record_failure(context, claim.chunk, claim.token, message))
     duration = time.monotonic() - started
-    last = context.ledger.record_outcome(chunk, outcome, duration)
+    try:
+        recorded = ledger.record_outcome(claim.chunk, claim.token, outcome, duration)
+    except TransientError as exc:
+        raise RetryChunk(claim.token, exc) from None
     summary = outcome.summary()
+    if not recorded.stored:
+        log.warning("Worker %s: chunk %s done in %.2fs but another attempt holds it now; not recorded",
+                    context.name, chunk_id, duration)
+        return ChunkResult({"superseded": True, **summary}, run_finished=False)
     log.info("Worker %s: chunk %s done in %.2fs: %s", context.name, chunk_id, duration, summary)
-    return ChunkResult(summary, run_finished=last)
+    return ChunkResult(summary, run_finished=recorded.run_finished)
 
 
-def fail_chunk(context: WorkerContext, chunk_id: str, error: str) -> bool:
-    """Record a chunk as failed after its retries ran out; True when the run has nothing left."""
-    chunk = _chunk(context, chunk_id)
-    return context.ledger.record_failure(chunk, error) if chunk else False
+def fail_chunk(context: WorkerContext, chunk_id: str, token: str | None, error: str) -> bool:
+    """Record a chunk as failed after its retries ran out; True when the run has nothing left.
+
+    Without a claim (the ledger never answered), nothing is recorded: the chunk stays open in the
+    ledger, and the sweeper sends it again."""
+    chunk = context.ledger.get_chunk(chunk_id) if token else None
+    return _record_failure(context, chunk, token, error) if chunk and token else False
 
 
-def _finish_if_last(context: WorkerContext, chunk_id: str) -> bool:
+def hold_for_retry(context: WorkerContext, chunk_id: str, token: str | None, countdown: float) -> None:
+    """Keep the claim through a retry's backoff, so the sweeper does not take the chunk for stale meanwhile.
+
+    Best effort: if the ledger cannot be reached, the chunk may be sent again once stale, which is safe."""
+    if token is None:
+        return
+    try:
+        context.ledger.heartbeat(chunk_id, token, extend_s=countdown)
+    except TransientError as exc:
+        log.warning("Worker %s: chunk %s: claim not extended for the retry (%s)", context.name, chunk_id, exc)
+
+
+def holder_gone(worker: str) -> bool:
+    """Whether the worker named in the ledger (host:pid) is a process of this host that no longer runs.
+
+    Lets a chunk whose pool process was killed be taken over at once on redelivery, rather than after
+    its heartbeat goes stale."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _record_failure(context: WorkerContext, chunk: ChunkRecord, token: str, message: str) -> bool:
+    try:
+        return context.ledger.record_failure(chunk, token, message).run_finished
+    except TransientError as exc:
+        raise RetryChunk(token, exc) from None
+
+
+def _finish_if_last(context: WorkerContext, chunk_id: str, reclaim: str | None) -> bool:
     # A skipped chunk of a cancelled run may be the last one to end: it must start the coordinator too.
-    chunk = _chunk(context, chunk_id)
-    return context.ledger.claim_finalize(chunk.run_id) if chunk else False
-
-
-def _chunk(context: WorkerContext, chunk_id: str) -> ChunkRecord | None:
-    return context.ledger.get_chunk(chunk_id)
+    try:
+        chunk = context.ledger.get_chunk(chunk_id)
+        return context.ledger.claim_finalize(chunk.run_id) if chunk else False
+    except TransientError as exc:
+        raise RetryChunk(reclaim, exc) from None

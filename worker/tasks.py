@@ -1,6 +1,7 @@
 """The Celery tasks: thin wrappers that decode ids, call plain code and return tiny outcomes.
 
-Arguments are ids only (run id, chunk id), never rows or credentials; Flower shows them as is.
+Arguments are ids only (run id, chunk id, and on a retry the attempt's token), never rows or
+credentials; Flower shows them as is.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from common.celery_config import COPY_CHUNK, FINALIZE_RUN
 from common.errors import TransientError
 from worker.app import app, context, settings
 from worker.coordinator import finalize
-from worker.runner import fail_chunk, run_chunk
+from worker.runner import RetryChunk, fail_chunk, hold_for_retry, run_chunk
 
 log = logging.getLogger("shuttle.worker")
 
@@ -26,23 +27,34 @@ def _backoff(retries: int) -> float:
 
 
 @app.task(name=COPY_CHUNK, bind=True, max_retries=settings.task_max_retries)
-def copy_chunk(self: Task, run_id: str, chunk_id: str) -> dict[str, Any]:
+def copy_chunk(self: Task, run_id: str, chunk_id: str, reclaim: str | None = None) -> dict[str, Any]:
     """Copy one chunk; retried with backoff on transient errors only, never on bad data."""
 
     def progress(rows: int, est_rows: int) -> None:
-        self.send_event("task-progress", run_id=run_id, rows=rows, est_rows=est_rows)
+        # Best effort: a broker that is away for a moment must never fail the chunk it reports on.
+        try:
+            self.send_event("task-progress", retry=False, run_id=run_id, rows=rows, est_rows=est_rows)
+        except Exception as exc:  # noqa: BLE001 - kombu and redis raise several kinds here
+            log.debug("Worker %s: progress of %s not sent: %s", context.name, chunk_id, exc)
 
     try:
-        result = run_chunk(context, chunk_id, progress)
-    except TransientError as exc:
+        result = run_chunk(context, chunk_id, progress, reclaim)
+    except RetryChunk as retry:
         if self.request.retries >= self.max_retries:
-            message = f"gave up after {self.request.retries} retries: {exc}"
+            message = f"gave up after {self.request.retries} retries: {retry.cause}"
             log.error("Worker %s: chunk %s %s", context.name, chunk_id, message)
-            if fail_chunk(context, chunk_id, message):
-                enqueue_finalize(run_id)
+            try:
+                if fail_chunk(context, chunk_id, retry.token, message):
+                    enqueue_finalize(run_id)
+            except RetryChunk as again:  # the ledger is still away: the sweeper finds the chunk stale later
+                log.error("Worker %s: chunk %s not marked failed: %s", context.name, chunk_id, again.cause)
             return {"failed": message}
-        log.warning("Worker %s: chunk %s transient error, retrying: %s", context.name, chunk_id, exc)
-        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None
+        countdown = _backoff(self.request.retries)
+        hold_for_retry(context, chunk_id, retry.token, countdown)
+        log.warning("Worker %s: chunk %s transient error, retrying in %.0fs: %s", context.name, chunk_id,
+                    countdown, retry.cause)
+        raise self.retry(exc=retry.cause, countdown=countdown, kwargs={"reclaim": retry.token},
+                         argsrepr=getattr(self.request, "argsrepr", None), kwargsrepr="{}") from None
     if result.run_finished:
         enqueue_finalize(run_id)
     return result.summary
@@ -59,4 +71,9 @@ def finalize_run(self: Task, run_id: str) -> dict[str, Any]:
 
 
 def enqueue_finalize(run_id: str) -> None:
-    finalize_run.apply_async(args=[run_id], task_id=f"{run_id}:finalize", argsrepr=repr(run_id))
+    """Start the coordinator; if the broker is away, the sweeper starts it once it is back."""
+    try:
+        finalize_run.apply_async(args=[run_id], task_id=f"{run_id}:finalize", argsrepr=repr(run_id))
+    except Exception as exc:  # noqa: BLE001 - kombu raises several kinds; the ledger still says who finalizes
+        log.warning("Worker %s: coordinator of run %s not started now (%s); the sweeper will", context.name,
+                    run_id, exc)

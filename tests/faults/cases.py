@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 import pymongo
 
+from common.migrations.modmon import Modmon
 from producer.local_workers import LocalWorkers
 from tests.harness import Env
 from tests.mongo_server import NxServer, collection_checksums
@@ -99,6 +100,15 @@ class Case(ABC):
         """`shuttle run` into a fresh target, not waiting; returns the run id."""
         self.prepare_target(name)
         return self.env.start(*self.run_args(name, chunk_rows), **extra_env)
+
+    @contextmanager
+    def started_held(self, name: str, chunk_rows: int | None = None, **extra_env: str) -> Iterator[str]:
+        """`shuttle run` into a fresh target whose writes are held from before its first chunk; yields the
+        run id, and the hold ends with the block. However fast the migration's chunks are and however
+        loaded the machine, the fault injected inside then lands while chunks are running and queued."""
+        self.prepare_target(name)
+        with self.hold_writes(name):
+            yield self.env.start(*self.run_args(name, chunk_rows), **extra_env)
 
     @cached_property
     def baseline(self) -> Any:
@@ -176,6 +186,14 @@ class ModmonCase(PostgresTargetCase):
         super().__init__(env)
         self.target_database = database_of(env.source_url)
         self.pg_databases = (self.target_database,)
+
+    def prepare_target(self, name: str) -> None:
+        """The migration's own tables in schema `name`, so they can be held before the run starts."""
+        migration = Modmon(self.env.source_url, self.env.source_url, Modmon.plan_options(target_schema=name))
+        try:
+            migration.prepare_target()
+        finally:
+            migration.close()
 
     def expected(self) -> Expected:
         # The buckets are not derivable from the source without redoing the aggregation: the uninterrupted
@@ -261,6 +279,14 @@ class MongoCase(Case):
 
     def expected(self) -> Expected:
         return self._expected
+
+    @contextmanager
+    def started_held(self, name: str, chunk_rows: int | None = None, **extra_env: str) -> Iterator[str]:
+        """As for every case, but the hold starts just after `shuttle run`, which needs the server to
+        answer; a MongoDB target's chunks are slow enough for the hold to land mid-run."""
+        run_id = self.start(name, chunk_rows, **extra_env)
+        with self.hold_writes(name):
+            yield run_id
 
     @contextmanager
     def hold_writes(self, name: str) -> Iterator[None]:

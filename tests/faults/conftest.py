@@ -23,10 +23,17 @@ from tests.harness import Env
 from tests.mongo_server import REAL_MONGO_URI, NxServer
 
 FAULTS_REDIS_DB = int(os.environ.get("SHUTTLE_TEST_FAULTS_REDIS_DB", "10"))
+# Healing on a test's time scale: a silent chunk is sent again after 10 s, a lost message after 5 s, a
+# lost coordinator after 20 s. Generous beside the 1 s heartbeat, so a loaded machine never fakes a loss.
+HEALING = {"SHUTTLE_HEARTBEAT_INTERVAL": "1", "SHUTTLE_STALE_AFTER": "10", "SHUTTLE_SWEEP_INTERVAL": "1",
+           "SHUTTLE_LOST_AFTER": "5", "SHUTTLE_FINALIZE_STALE_AFTER": "20"}
 
 
 @pytest.fixture(scope="session")
 def faults(tmp_path_factory) -> Iterator[Env]:
+    healing = pytest.MonkeyPatch()
+    for name, value in HEALING.items():  # read by the CLI subprocesses and the workers alike
+        healing.setenv(name, value)
     pid = os.getpid()
     source_db, ledger_db = f"shuttle_faults_{pid}", f"shuttle_faults_ledger_{pid}"
     source_url, ledger_url = create_db(source_db), create_db(ledger_db)
@@ -37,6 +44,7 @@ def faults(tmp_path_factory) -> Iterator[Env]:
     redis.Redis.from_url(env.broker_url).delete(env.queue)
     drop_db(source_db)
     drop_db(ledger_db)
+    healing.undo()
 
 
 def free_port() -> int:
@@ -46,11 +54,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server with no persistence: killing it loses every message, as a crash would."""
+    """A throwaway redis-server. Without persistence, killing it loses every message, as a crash would;
+    with it (an append-only file written at every command), a restart finds every message again."""
 
-    def __init__(self, port: int, workdir) -> None:
+    def __init__(self, port: int, workdir, persistent: bool = False) -> None:
         self.port = port
         self.workdir = workdir
+        self.persistent = persistent
         self.process: subprocess.Popen | None = None
 
     @property
@@ -60,7 +70,8 @@ class RedisServer:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+             "--save", "", "--dir", str(self.workdir),
+             *(("--appendonly", "yes", "--appendfsync", "always") if self.persistent else ("--appendonly", "no"))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -77,9 +88,10 @@ class RedisServer:
             self.process.wait()
 
 
-@pytest.fixture
-def own_redis(tmp_path) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path)
+@pytest.fixture(params=[False, True], ids=["data-lost", "data-kept"])
+def own_redis(request, tmp_path) -> Iterator[RedisServer]:
+    """A broker of the test's own: once restarted empty, once restarted with every message it held."""
+    server = RedisServer(free_port(), tmp_path, persistent=request.param)
     server.start()
     yield server
     server.kill()

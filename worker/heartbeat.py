@@ -1,0 +1,48 @@
+"""The heartbeat of a running chunk: a thread that renews its attempt's hold in the ledger.
+
+The sweeper takes a chunk whose heartbeat went silent for its worker gone and sends it again, so the
+heartbeat must keep going however long the chunk's reads and writes take; and it must never fail the
+chunk itself: a ledger that cannot be reached for a moment only delays the next beat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import TracebackType
+
+from common.ledger import Ledger
+
+log = logging.getLogger("shuttle.worker")
+
+
+class Heartbeat:
+    """`with Heartbeat(ledger, chunk_id, token, interval):` beats every `interval` seconds until the block ends."""
+
+    def __init__(self, ledger: Ledger, chunk_id: str, token: str, interval: float) -> None:
+        self.ledger = ledger
+        self.chunk_id = chunk_id
+        self.token = token
+        self.interval = interval
+        self.lost = False  # the sweeper gave the chunk to another attempt: this one will record nothing
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat {chunk_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 15)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.ledger.heartbeat(self.chunk_id, self.token) and not self.lost:
+                    self.lost = True
+                    log.warning("chunk %s: this attempt no longer holds it (sent again after going silent); "
+                                "its outcome will not be recorded", self.chunk_id)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is only late; it must not end the chunk
+                log.warning("chunk %s: heartbeat not written (%s); trying again", self.chunk_id, exc)
