@@ -81,14 +81,17 @@ class Sweeper:
             if not self._locked(conn):
                 return []
             rows = conn.execute(
-                sa.select(chunks, silent.label("silent_s")).join(runs)
-                .where(runs.c.status == "running", runs.c.queue == self.queue, chunks.c.state == "running",
-                       silent > self.settings.stale_after)
+                sa.select(chunks, runs.c.status.label("run_status"), silent.label("silent_s")).join(runs)
+                .where(runs.c.status.in_(("running", "cancelled")), runs.c.finished_at.is_(None),
+                       runs.c.queue == self.queue, chunks.c.state == "running", silent > self.settings.stale_after)
                 .with_for_update(of=chunks, skip_locked=True)).mappings().all()
             found = [(chunk_record(r), f"worker {r['worker']} silent for {float(r['silent_s']):.0f}s; sent again")
-                     for r in rows]
+                     for r in rows if r["run_status"] == "running"]
+            dropped = [(chunk_record(r), f"worker {r['worker']} silent for {float(r['silent_s']):.0f}s; "
+                        "cancelled with its run") for r in rows if r["run_status"] == "cancelled"]
             self._requeue(conn, found, "stale")
-        return self._send(found, "stale")
+            self._requeue(conn, dropped, "stale", state="cancelled")
+        return self._send(found, "stale") + [SweepEvent(c.run_id, c.chunk_id, "stale", d) for c, d in dropped]
 
     def _lost(self) -> list[SweepEvent]:
         waiting = self._queued_counts()
@@ -131,7 +134,8 @@ class Sweeper:
                 return []
             claimed = conn.execute(
                 runs.update().where(
-                    runs.c.status == "running", runs.c.queue == self.queue, ~sa.exists(open_chunks),
+                    runs.c.status.in_(("running", "cancelled")), runs.c.finished_at.is_(None),
+                    runs.c.queue == self.queue, ~sa.exists(open_chunks),
                     sa.or_(runs.c.finalize_enqueued.is_(False), runs.c.finalize_enqueued_at.is_(None),
                            runs.c.finalize_enqueued_at < overdue))
                 .values(finalize_enqueued=True, finalize_enqueued_at=sa.func.now())
@@ -171,11 +175,12 @@ class Sweeper:
         return int(total), int(late)
 
     @staticmethod
-    def _requeue(conn: sa.Connection, found: list[tuple[ChunkRecord, str]], kind: str) -> None:
+    def _requeue(conn: sa.Connection, found: list[tuple[ChunkRecord, str]], kind: str, state: str = "queued") -> None:
+        """Give the chunks up from their attempts (queued again, or cancelled with their run), with an event each."""
         if not found:
             return
         conn.execute(chunks.update().where(chunks.c.chunk_id.in_([c.chunk_id for c, _ in found])).values(
-            state="queued", attempt=None, heartbeat_at=None, queued_at=sa.func.now()))
+            state=state, attempt=None, heartbeat_at=None, queued_at=sa.func.now()))
         conn.execute(events.insert(), [dict(run_id=c.run_id, chunk_id=c.chunk_id, kind=kind, detail=detail)
                                        for c, detail in found])
 

@@ -125,6 +125,16 @@ def test_a_run_whose_chunks_all_ended_gets_its_coordinator_once(ledger, broker):
     assert broker.finalized == ["r1"]
 
 
+def test_a_cancelled_run_whose_last_chunk_went_silent_is_closed(ledger, broker):
+    ids = make_run(ledger, 2)
+    ledger.claim_chunk(ids[0], "w", 30)
+    ledger.cancel("r1")  # the queued chunk is cancelled; the running one's worker then dies
+    age(ledger, ids[:1], "heartbeat_at", 600)
+    assert [e.kind for e in sweeper_for(ledger, broker).sweep()] == ["stale", "finalize"]
+    assert broker.sent == [] and broker.finalized == ["r1"], "nothing of a cancelled run is sent again"
+    assert ledger.get_chunk(ids[0]).state == "cancelled"
+
+
 def test_only_the_runs_of_the_sweepers_queue_are_touched(ledger, broker):
     ids = make_run(ledger, 1, "other-run", queue="elsewhere")
     claim = ledger.claim_chunk(ids[0], "w", 30)
