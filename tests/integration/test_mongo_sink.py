@@ -17,8 +17,8 @@ from common.connectors import open_sink
 from common.connectors.base import Column, TableSpec
 from common.connectors.mongo import MIN_BATCH, Index, Sink
 from common.errors import ServiceUnavailable, TransientError
-from common.urls import mask
 from common.model import WriteCounts
+from common.urls import mask
 from tests.mongo_server import mongomock_client
 
 
