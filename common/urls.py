@@ -32,6 +32,8 @@ _USERINFO_TEXT = re.compile(r"[^\s@/?#\[\]]*")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _POSTGRES_SCHEME = re.compile(r"^postgres(ql)?(\+\w+)?$")
 _SIMPLE_HOST = re.compile(r"[A-Za-z0-9._\-]+|[0-9A-Fa-f:.]+")
+# Hints must not look like a password themselves, or `mask` would hide them.
+_URL_HINT = "postgresql://user@host:port/database?option=value, the password after the user name and a ':'"
 _ENCODE_HINT = "percent-encode '@', '/', '?', '#', '%' and spaces in a user name or password ('@' as %40, '%' as %25)"
 
 
@@ -64,8 +66,7 @@ def normalized(url: str) -> str:
     if "://" not in url:
         if "=" in url:
             return _from_keywords(url)
-        raise UrlRefused("it is not a URL; write scheme://user:password@host:port/database "
-                         "(or libpq's keywords: host=… port=… user=… password=… dbname=…)")
+        raise UrlRefused(f"it is neither a URL ({_URL_HINT}) nor libpq's keyword form (host=… user=… dbname=…)")
     if _BAD_PERCENT.search(url):
         where = "the user name or password" if _BAD_PERCENT.search(_userinfo(url) or "") else "the URL"
         raise UrlRefused(f"{where} has a '%' not followed by two hex digits; write a literal '%' as %25")
@@ -74,8 +75,8 @@ def normalized(url: str) -> str:
     if _POSTGRES_SCHEME.match(scheme):
         return _password_out_of_query(url)
     if "password" in _query_keys(url):
-        raise UrlRefused(f"a {scheme}:// URL takes no password= in its query; "
-                         f"write it in the user info: {scheme}://user:password@host/…")
+        raise UrlRefused(f"a {scheme}:// URL takes its password in its user info, not in the query "
+                         "(after the user name and a ':', percent-encoded)")
     return url
 
 
@@ -123,8 +124,7 @@ def _libpq_params(text: str) -> dict[str, str]:
     try:
         return {k: str(v) for k, v in conninfo_to_dict(libpq_url(text)).items()}
     except Exception:  # noqa: BLE001 - psycopg.ProgrammingError, whose message holds the password
-        raise UrlRefused("libpq cannot read it; write postgresql://user:password@host:port/database, "
-                         f"{_ENCODE_HINT}") from None
+        raise UrlRefused(f"libpq cannot read it; write {_URL_HINT}; {_ENCODE_HINT}") from None
 
 
 def _password_out_of_query(url: str) -> str:
@@ -135,7 +135,7 @@ def _password_out_of_query(url: str) -> str:
         return url
     userinfo = _userinfo(url)
     if userinfo is not None and ":" in userinfo:
-        raise UrlRefused("the password is given twice, in the user info and as password= in the query; keep one")
+        raise UrlRefused("the password is given twice, in the user info and in the query; keep one")
     return _checked_same(params, _postgres_url(params, url.split("://", 1)[0]))
 
 
@@ -167,8 +167,7 @@ def _postgres_url(params: dict[str, str], scheme: str) -> str:
 def _checked_same(params: dict[str, str], url: str) -> str:
     """The rewritten URL, proven to mean to libpq exactly what the text it replaces meant."""
     if _libpq_params(url) != params:
-        raise UrlRefused("it cannot be written as a URL that means the same; "
-                         "write postgresql://user:password@host:port/database?option=value")
+        raise UrlRefused(f"it cannot be written as a URL that means the same; write the URL yourself: {_URL_HINT}")
     return url
 
 
