@@ -69,7 +69,13 @@ class Settings(BaseSettings):
     retry_backoff_max: int = Field(default=60, gt=0)
     migrations: dict[str, MigrationSettings] = Field(default_factory=dict)
 
-    check_urls = field_validator("broker_url", "result_backend", "ledger_url", "source_url", "target_url")(_one_url_form)
+    check_urls = field_validator("ledger_url", "source_url", "target_url")(_one_url_form)
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def check_broker_urls(cls, value: str | None) -> str | None:
+        """Like the other URLs, each of a `;`-separated failover list (kombu's form) on its own."""
+        return ";".join(_one_url_form(part) or "" for part in value.split(";")) if value else value
 
     @field_validator("queue", "flower_url")
     @classmethod

@@ -115,6 +115,8 @@ def _url_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     what = " / ".join(param.opts)
     if not value.strip():
         raise ConfigError(f"{what} is empty; give a URL, or leave the flag out to use the configured one")
+    if param.name == "broker_url":  # kombu's failover list: URLs separated by `;`
+        return ";".join(normalize(part, what) for part in value.split(";"))
     return normalize(value, what)
 
 
@@ -166,7 +168,7 @@ def run(settings: Settings, migration: str, selection: Selection, chunk_rows: in
     record = commands.start_run(settings, migration, selection, chunk_rows or settings.chunk_rows,
                                 max_rejects if max_rejects is not None else settings.max_rejects, **flags)
     err_console.print(f"run [bold]{record.run_id}[/]: {record.total_rows:,} rows in {record.chunk_count} chunks "
-                      f"enqueued; watch in Flower at {settings.flower_url} or with `shuttle watch {record.run_id}`")
+                      f"enqueued; watch in Flower at {mask(settings.flower_url)} or with `shuttle watch {record.run_id}`")
     if wait:
         _follow_and_exit(settings, record.run_id, as_json)
     console.print(record.run_id)
