@@ -79,7 +79,7 @@ class Settings(BaseSettings):
 
     @field_validator("queue", "flower_url")
     @classmethod
-    def _utf8(cls, value: str) -> str:
+    def check_utf8(cls, value: str) -> str:
         """A name from an environment holding undecodable bytes is refused here, not deep in a driver."""
         try:
             value.encode("utf-8")

@@ -28,7 +28,6 @@ from producer import commands, display
 from producer.progress import follow
 
 MULTI_VALUE_OPTIONS = ("--deployment-ids", "--partitions", "--experiment-ids", "--model-names")
-URL_OPTIONS = ("--source-url", "--postgres-uri", "--target-url", "--mongodb-uri", "--ledger-url", "--broker-url")
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -334,7 +333,7 @@ def expand_multi_values(argv: Sequence[str]) -> list[str]:
     current: str | None = None
     values = 0
     for arg in [*argv, None]:
-        if current is not None and (arg is None or arg.startswith("-") or arg in MULTI_VALUE_OPTIONS) and not values:
+        if current is not None and not values and (arg is None or arg.startswith("-")):
             raise click.UsageError(f"{current} needs at least one value; leave the flag out to select every "
                                    "partition")
         if arg is None:
@@ -361,8 +360,8 @@ def require_utf8(argv: Sequence[str]) -> None:
             flag, sep, _ = arg.partition("=")
             if arg.startswith("--") and sep and exc.start > len(flag):
                 name = f"the value of {flag}"
-            elif index and argv[index - 1].startswith("-") and not arg.startswith("-"):
-                name = f"the value of {argv[index - 1]}"
+            elif index and argv[index - 1].startswith("-"):
+                name = f"argument {index + 1} (after {argv[index - 1]})"
             else:
                 name = f"argument {index + 1}"
             raise click.UsageError(f"{name} is not valid UTF-8 (an undecodable byte at position {exc.start}); "

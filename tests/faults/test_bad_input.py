@@ -14,6 +14,7 @@ import redis
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from common.ledger import Ledger
 from producer.local_workers import LocalWorkers
 from tests.harness import PROJECT_ROOT, Env
 
@@ -101,7 +102,10 @@ PW_MARK = "Zq7-Shh"  # what no output may contain, encoded or not
 
 
 def ledger_text(env: Env) -> str:
-    """Every row of every table of the ledger's schema, as text."""
+    """Every row of every table of the ledger's schema, as text (the schema made first, as any command would)."""
+    ledger = Ledger(env.ledger_url)
+    ledger.ensure_schema()
+    ledger.dispose()
     tables = [t for (t,) in env.ledger_sql(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'shuttle'")]
     assert "runs" in tables and "reports" in tables
@@ -138,10 +142,10 @@ def test_an_empty_id_is_a_usage_error_naming_the_flag(faults, args, flag):
 
 
 @pytest.mark.parametrize("args, named", [
-    (("plan", "modmon", "--deployment-ids", "5c756bb0\udcff9219fd13ad19fe18"), "the value of --deployment-ids"),
-    (("run", "modmon", "--source-url", f"postgresql://postgres:{PW_MARK}\udcff@127.0.0.1/x"), "the value of --source-url"),
+    (("plan", "modmon", "--deployment-ids", "5c756bb0\udcff9219fd13ad19fe18"), "argument 4 (after --deployment-ids)"),
+    (("run", "modmon", "--source-url", f"postgresql://postgres:{PW_MARK}\udcff@127.0.0.1/x"), "(after --source-url)"),
     (("run", "modmon", f"--target-url=postgresql://postgres:{PW_MARK}\udcfe@127.0.0.1/x"), "the value of --target-url"),
-    (("plan", "modmon", "--config", "/tmp/shuttle-\udcff.toml"), "the value of --config"),
+    (("plan", "modmon", "--config", "/tmp/shuttle-\udcff.toml"), "argument 4 (after --config)"),
     (("plan", "mod\udcffmon"), "argument 2"),
 ])
 def test_a_non_utf8_argument_is_a_one_line_usage_error(faults, args, named):
