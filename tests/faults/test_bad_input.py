@@ -17,6 +17,7 @@ from psycopg.conninfo import conninfo_to_dict
 from common.ledger import Ledger
 from producer.local_workers import LocalWorkers
 from tests.harness import PROJECT_ROOT, Env
+from tests.mongo_server import REAL_MONGO_URI, NxServer
 
 pytestmark = pytest.mark.faults
 SECRET = "n0tInLogs"
@@ -169,6 +170,25 @@ def test_a_source_without_the_migrations_tables_names_the_missing_one(faults, fr
     assert line.startswith("FAILED: source ") and f'relation "{table}" does not exist' in line
     assert "--source-schema" in line and "source URL" in line
     assert ledger_text(faults) == before
+
+
+def test_an_mlflow_source_without_a_needed_table_names_it(faults, fresh_db):
+    """mlflow-to-mongo reflects what tables there are; a selection still needs `experiments`."""
+    server = None if REAL_MONGO_URI else NxServer().start()
+    try:
+        target = f"{(REAL_MONGO_URI or server.uri).rstrip('/')}/shuttle_missing_{os.getpid()}"
+        empty = faults.shuttle("plan", "mlflow-to-mongo", "--source-url", fresh_db, "--target-url", target)
+        assert empty.returncode == 2 and "no tables in schema 'public'" in one_failed_line(empty)
+        with psycopg.connect(fresh_db, autocommit=True) as conn:
+            conn.execute("CREATE TABLE runs (run_uuid text PRIMARY KEY, experiment_id integer)")
+        selected = faults.shuttle("plan", "mlflow-to-mongo", "--source-url", fresh_db, "--target-url", target,
+                                  "--experiment-ids", "1")
+        assert selected.returncode == 2
+        line = one_failed_line(selected)
+        assert 'relation "public.experiments" does not exist' in line and "--source-schema" in line
+    finally:
+        if server is not None:
+            server.cleanup()
 
 
 def test_a_source_schema_without_the_tables_names_it(faults):
