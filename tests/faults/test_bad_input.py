@@ -219,7 +219,7 @@ def test_an_accepted_form_of_a_password_is_masked_when_the_server_is_unreachable
 
 def test_a_mongodb_password_is_masked_when_the_server_is_unreachable(faults):
     result = faults.shuttle("plan", "mlflow-to-mongo", "--target-url",
-                            f"mongodb://app:{ENCODED}@{UNREACHABLE}/mlflow?authSource=admin&serverSelectionTimeoutMS=500")
+                            f"mongodb://app:{ENCODED}@{UNREACHABLE}/mlflow?authSource=admin")
     assert result.returncode == 2
     assert "mongodb://app:***@127.0.0.1:1/mlflow" in one_failed_line(result)
     assert PW_MARK not in result.stdout + result.stderr
