@@ -12,11 +12,27 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.errors import ConfigError
-from common.urls import mask
+from common.urls import UrlRefused, mask, normalized
+
+
+def _one_url_form(value: str | None) -> str | None:
+    """Every URL setting in the one form Shuttle handles (`common.urls.normalize`), or refused.
+
+    Done here, where URLs come in, so a worker's own settings (whatever form its environment uses)
+    match the password-less URLs of the ledger, and nothing downstream meets a form it cannot mask.
+    An empty value is left as unset.
+    """
+    if not value:
+        return value
+    try:
+        return normalized(value)
+    except UrlRefused as exc:
+        raise PydanticCustomError("url", str(exc)) from None
 
 
 class MigrationSettings(BaseModel):
@@ -26,6 +42,8 @@ class MigrationSettings(BaseModel):
 
     source_url: str | None = None
     target_url: str | None = None
+
+    check_urls = field_validator("source_url", "target_url")(_one_url_form)
 
 
 class Settings(BaseSettings):
@@ -59,6 +77,24 @@ class Settings(BaseSettings):
                                         "that has not closed its run is started again.")
     sweeper: bool = Field(default=True, description="Workers sweep stale and lost chunks (one at a time).")
     migrations: dict[str, MigrationSettings] = Field(default_factory=dict)
+
+    check_urls = field_validator("ledger_url", "source_url", "target_url")(_one_url_form)
+
+    @field_validator("broker_url", "result_backend")
+    @classmethod
+    def check_broker_urls(cls, value: str | None) -> str | None:
+        """Like the other URLs, each of a `;`-separated failover list (kombu's form) on its own."""
+        return ";".join(_one_url_form(part) or "" for part in value.split(";")) if value else value
+
+    @field_validator("queue", "flower_url")
+    @classmethod
+    def check_utf8(cls, value: str) -> str:
+        """A name from an environment holding undecodable bytes is refused here, not deep in a driver."""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise PydanticCustomError("utf8", f"not valid UTF-8 (an undecodable byte at position {exc.start})") from None
+        return value
 
     def urls_for(self, migration: str) -> tuple[str | None, str | None]:
         """Source and target URL for a migration: its own section first, then the global ones."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from functools import wraps
@@ -24,7 +25,7 @@ from common.errors import ConfigError, ShuttleError
 from common.migrations.base import Selection
 from common.settings import Settings, load_settings
 from common.sweeper import Sweeper
-from common.urls import mask
+from common.urls import mask, normalize
 from producer import commands, display
 from producer.progress import follow
 
@@ -37,8 +38,8 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--config and the service URLs; builds the settings once and passes them as the first argument."""
     @click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
                   help="TOML or JSON config file (overrides the environment; flags override it).")
-    @click.option("--ledger-url", help="Ledger database URL [SHUTTLE_LEDGER_URL].")
-    @click.option("--broker-url", help="Celery broker URL [SHUTTLE_BROKER_URL].")
+    @click.option("--ledger-url", callback=_url_flag, help="Ledger database URL [SHUTTLE_LEDGER_URL].")
+    @click.option("--broker-url", callback=_url_flag, help="Celery broker URL [SHUTTLE_BROKER_URL].")
     @wraps(func)
     def wrapper(config_file: Path | None, ledger_url: str | None, broker_url: str | None, **kwargs: Any) -> Any:
         settings = load_settings(config_file, ledger_url=ledger_url, broker_url=broker_url)
@@ -49,15 +50,17 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """What to migrate and where; migration-specific flags reach the migration's `plan_options`."""
     @click.option("--deployment-ids", "--partitions", "--experiment-ids", "partitions", multiple=True,
-                  metavar="ID ...", help="Only these partitions (deployment or experiment ids); several may "
-                  "follow the flag, or comma-separated.")
-    @click.option("--model-names", "model_names", multiple=True, metavar="NAME ...",
+                  metavar="ID ...", callback=_ids, help="Only these partitions (deployment or experiment ids); "
+                  "several may follow the flag, or comma-separated.")
+    @click.option("--model-names", "model_names", multiple=True, metavar="NAME ...", callback=_ids,
                   help="Only these registered models (MLflow registry tables).")
     @click.option("--since", type=click.DateTime(), help="Only rows at or after this UTC time (whole hours).")
     @click.option("--until", type=click.DateTime(), help="Only rows before this UTC time (whole hours).")
     @click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk at most [default 50,000].")
-    @click.option("--source-url", "--postgres-uri", "source_url", help="Source URL [SHUTTLE_SOURCE_URL].")
-    @click.option("--target-url", "--mongodb-uri", "target_url", help="Target URL [SHUTTLE_TARGET_URL].")
+    @click.option("--source-url", "--postgres-uri", "source_url", callback=_url_flag,
+                  help="Source URL [SHUTTLE_SOURCE_URL].")
+    @click.option("--target-url", "--mongodb-uri", "target_url", callback=_url_flag,
+                  help="Target URL [SHUTTLE_TARGET_URL].")
     @click.option("--source-schema", help="Schema of the source tables [public].")
     @click.option("--target-schema", help="Schema (or MongoDB database) of the target [public].")
     @click.option("--batch-size", type=click.IntRange(min=1), help="Rows per write batch inside a chunk.")
@@ -68,8 +71,8 @@ def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(func)
     def wrapper(*args: Any, partitions: tuple[str, ...], model_names: tuple[str, ...], since: datetime | None,
                 until: datetime | None, extra_options: tuple[str, ...], **kwargs: Any) -> Any:
-        ids, names = _split(partitions), _split(model_names)
-        selection = Selection(partitions=ids or None, since=_utc(since), until=_utc(until), model_names=names or None)
+        selection = Selection(partitions=partitions or None, since=_utc(since), until=_utc(until),
+                              model_names=model_names or None)
         for item in extra_options:
             key, sep, value = item.partition("=")
             if not sep or not key:
@@ -86,8 +89,36 @@ def _defaults_from(settings: Settings, flags: dict[str, Any]) -> None:
             flags[key] = getattr(settings, key)
 
 
-def _split(values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(p for value in values for p in value.split(",") if p)
+def _ids(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
+    """The ids of a selection flag, split on commas; an empty one is refused, never read as "all".
+
+    `--deployment-ids "$IDS"` with an empty variable, `--partitions ,` or `a,,b` would otherwise
+    select fewer ids than meant, or every partition when none is left.
+    """
+    ids = tuple(part for value in values for part in value.split(","))
+    if any(not part.strip() for part in ids):
+        shown = ", ".join(repr(value) for value in values)
+        noun = "name" if param.name == "model_names" else "id"
+        raise click.BadParameter(f"an empty {noun} in {shown}; give each {noun} (several after the flag, or "
+                                 "comma-separated), or leave the flag out to select every partition",
+                                 ctx=ctx, param=param)
+    return ids
+
+
+def _url_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A URL flag in the one form Shuttle handles; refused (one `FAILED:` line naming the flag) otherwise.
+
+    An empty value (an unset shell variable) is refused too: falling back to the environment's URL
+    would point the command somewhere the user did not say.
+    """
+    if value is None:
+        return None
+    what = " / ".join(param.opts)
+    if not value.strip():
+        raise ConfigError(f"{what} is empty; give a URL, or leave the flag out to use the configured one")
+    if param.name == "broker_url":  # kombu's failover list: URLs separated by `;`
+        return ";".join(normalize(part, what) for part in value.split(";"))
+    return normalize(value, what)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -138,7 +169,7 @@ def run(settings: Settings, migration: str, selection: Selection, chunk_rows: in
     record = commands.start_run(settings, migration, selection, chunk_rows or settings.chunk_rows,
                                 max_rejects if max_rejects is not None else settings.max_rejects, **flags)
     err_console.print(f"run [bold]{record.run_id}[/]: {record.total_rows:,} rows in {record.chunk_count} chunks "
-                      f"enqueued; watch in Flower at {settings.flower_url} or with `shuttle watch {record.run_id}`")
+                      f"enqueued; watch in Flower at {mask(settings.flower_url)} or with `shuttle watch {record.run_id}`")
     if wait:
         _follow_and_exit(settings, record.run_id, as_json)
     console.print(record.run_id)
@@ -227,7 +258,7 @@ def verify(settings: Settings, run_id: str, as_json: bool) -> None:
 @click.option("--all", "purge_all", is_flag=True, help="Purge every date.")
 @click.option("--before", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
               help="Purge only rows before this UTC date.")
-@click.option("--deployment-ids", "--partitions", "partitions", multiple=True, metavar="ID ...",
+@click.option("--deployment-ids", "--partitions", "partitions", multiple=True, metavar="ID ...", callback=_ids,
               help="Only these partitions (default: every verified one).")
 @click.option("--dry-run", is_flag=True, help="Count what would be purged; delete nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -237,7 +268,7 @@ def purge(settings: Settings, migration: str, purge_all: bool, before: datetime 
     """Delete migrated source rows, only for partitions whose migration completed and verified."""
     if purge_all == (before is not None):
         raise click.UsageError("give exactly one of --all or --before DATE")
-    ids = _split(partitions) or None
+    ids = partitions or None
     interactive = sys.stdin.isatty()
 
     def confirm(question: str) -> bool:
@@ -263,7 +294,8 @@ def purge(settings: Settings, migration: str, purge_all: bool, before: datetime 
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Local worker processes to start (0: use workers already running).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=50_000, show_default=True)
-@click.option("--source-url", help="Where to build the demo source [postgresql://postgres@127.0.0.1:5432/shuttle_demo].")
+@click.option("--source-url", callback=_url_flag,
+              help="Where to build the demo source [postgresql://postgres@127.0.0.1:5432/shuttle_demo].")
 @click.option("--flower-url", help="Flower address to print [SHUTTLE_FLOWER_URL].")
 @click.option("--skip-data", is_flag=True, help="Reuse the demo source already built.")
 @settings_options
@@ -301,27 +333,57 @@ def _utc(moment: datetime | None) -> datetime | None:
 
 
 def expand_multi_values(argv: Sequence[str]) -> list[str]:
-    """Let `--deployment-ids A B C` mean three values, as users of the previous tools type it."""
+    """Let `--deployment-ids A B C` mean three values, as users of the previous tools type it.
+
+    A selection flag followed by no value (`--deployment-ids $IDS --wait` with IDS unset) is a usage
+    error: dropped silently, it would select every partition.
+    """
     out: list[str] = []
     current: str | None = None
-    for arg in argv:
+    values = 0
+    for arg in [*argv, None]:
+        if current is not None and not values and (arg is None or arg.startswith("-")):
+            raise click.UsageError(f"{current} needs at least one value; leave the flag out to select every "
+                                   "partition")
+        if arg is None:
+            break
         if arg in MULTI_VALUE_OPTIONS:
-            current = arg
+            current, values = arg, 0
             continue
         if current is not None and not arg.startswith("-"):
             out += [current, arg]
+            values += 1
             continue
         current = None
         out.append(arg)
     return out
 
 
+def require_utf8(argv: Sequence[str]) -> None:
+    """Refuse an argument with bytes that are not UTF-8, naming it but not showing it (it may be a URL
+    with a password); undecoded, it would fail deep inside a driver or the terminal output."""
+    for index, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            flag, sep, _ = arg.partition("=")
+            if arg.startswith("--") and sep and exc.start > len(flag):
+                name = f"the value of {flag}"
+            elif index and argv[index - 1].startswith("-"):
+                name = f"argument {index + 1} (after {argv[index - 1]})"
+            else:
+                name = f"argument {index + 1}"
+            raise click.UsageError(f"{name} is not valid UTF-8 (an undecodable byte at position {exc.start}); "
+                                   "Shuttle takes UTF-8 text only") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: one-line `FAILED:` errors with masked URLs; --debug shows tracebacks."""
-    args = expand_multi_values(list(sys.argv[1:] if argv is None else argv))
-    debug = "--debug" in args or os.environ.get("SHUTTLE_DEBUG") == "1"
+    raw = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in raw or os.environ.get("SHUTTLE_DEBUG") == "1"
     try:
-        cli.main(args=args, prog_name="shuttle", standalone_mode=False)
+        require_utf8(raw)
+        cli.main(args=expand_multi_values(raw), prog_name="shuttle", standalone_mode=False)
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(1)
@@ -329,10 +391,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except ShuttleError as exc:
+        code = 2 if isinstance(exc, ConfigError) else 1
         if debug:
-            raise
-        err_console.print(f"[bold red]FAILED:[/] {escape(mask(str(exc)))}")
-        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+            _exit_with_traceback(code)
+        err_console.print(f"[bold red]FAILED:[/] {escape(mask(str(exc)))}", soft_wrap=True)
+        sys.exit(code)
     except KeyboardInterrupt:
         err_console.print("interrupted; the run goes on in the workers (`shuttle cancel RUN` stops it)")
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - an error not translated yet must not print a password either
+        if debug:
+            _exit_with_traceback(1)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        err_console.print(f"[bold red]FAILED:[/] {type(exc).__name__}: {escape(mask(first))} "
+                          "(--debug shows the traceback)", soft_wrap=True)
+        sys.exit(1)
+
+
+def _exit_with_traceback(code: int) -> None:
+    """--debug: the traceback of the error being handled, with every password in it masked."""
+    sys.stderr.write(mask(traceback.format_exc()))
+    sys.exit(code)

@@ -41,7 +41,7 @@ def run_demo(settings: Settings, console: Console, *, rows: int, deployments: in
         run = commands.start_run(settings, "modmon", Selection(), chunk_rows, settings.max_rejects,
                                  reenable_drift_tracking=True)
         console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} rows in {run.chunk_count} chunks; "
-                      f"Flower: {flower_url or settings.flower_url}")
+                      f"Flower: {mask(flower_url or settings.flower_url)}")
         with commands.open_ledger(settings) as ledger:
             report: dict[str, Any] = follow(console, ledger, run.run_id,
                                             lambda rid: commands.finalize_here(settings, ledger, rid))

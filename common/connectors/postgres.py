@@ -59,7 +59,16 @@ def translate_errors(what: str) -> Iterator[None]:
     except psycopg.Error as exc:
         if is_transient(exc):
             raise TransientError(f"{what}: {_first_line(exc)}") from None
+        if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)):
+            raise ConfigError(missing_relation(what, exc)) from None
         raise
+
+
+def missing_relation(what: str, exc: psycopg.Error) -> str:
+    """A table or column the migration needs is not there: most often the wrong schema or database."""
+    role = what.split(" ", 1)[0] if what.startswith(("source ", "target ")) else "source"
+    return (f"{what}: {mask(exc.diag.message_primary or _first_line(exc))}; check --{role}-schema (the schema of "
+            f"the {role} tables) and that the {role} URL names the right database")
 
 
 def create_database(url: str) -> bool:
