@@ -76,7 +76,7 @@ def run_all(url: str, selection: Selection = Selection(), target_url: str | None
 
 
 def written(outcomes) -> dict[str, int]:
-    counts = {"inserted": 0, "updated": 0, "unchanged": 0}
+    counts = {"inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0}
     for outcome in outcomes:
         for k, v in outcome.writes["latest_metrics"].as_dict().items():
             counts[k] += v
@@ -89,7 +89,7 @@ def test_rebuild_of_an_emptied_table_equals_what_mlflow_maintained(mlflow_db):
     migration, chunks, outcomes = run_all(url)
     assert table(url) == saved and len(saved) == data.pairs
     assert sum(o.rows_read for o in outcomes) == data.metric_rows
-    assert written(outcomes) == {"inserted": data.pairs, "updated": 0, "unchanged": 0}
+    assert written(outcomes) == {"inserted": data.pairs, "updated": 0, "unchanged": 0, "deleted": 0}
     assert len(chunks) > len(data.experiments)
     checks = migration.verify(Selection(), [*data.experiments, data.empty_experiment], {})
     assert all(c.ok for c in checks) and sum(c.target_rows for c in checks) == data.pairs
@@ -113,8 +113,9 @@ def test_chunks_are_run_ranges_inside_one_experiment_and_never_split_a_run(mlflo
     per_run = dict(sql(url, "SELECT run_uuid, count(*) FROM metrics GROUP BY 1"))
     covered: dict[str, str] = {}
     for spec in chunks:
-        runs = sorted((r for r in data.runs[spec.partition] if spec.lo <= r <= spec.hi))
-        assert runs[0] == spec.lo and runs[-1] == spec.hi
+        # half-open [lo, hi) in byte order, the experiment's first and last open-ended ("")
+        runs = sorted((r for r in data.runs[spec.partition] if spec.lo <= r and (not spec.hi or r < spec.hi)))
+        assert spec.lo in ("", runs[0]) and (spec.hi == "" or spec.hi > runs[-1])
         assert spec.est_rows == sum(per_run[r] for r in runs)
         assert spec.est_rows <= CHUNK_ROWS or len(runs) == 1
         for run in runs:
@@ -127,7 +128,7 @@ def test_chunks_are_run_ranges_inside_one_experiment_and_never_split_a_run(mlflo
 def test_rerun_changes_nothing(mlflow_db):
     url, data, saved = mlflow_db
     _, _, outcomes = run_all(url)
-    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": data.pairs}
+    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": data.pairs, "deleted": 0}
     assert table(url) == saved
 
 
@@ -137,7 +138,7 @@ def test_full_rebuild_repairs_wrong_and_missing_rows(mlflow_db):
     sql(url, "DELETE FROM latest_metrics WHERE key = 'edge/nan_vs_neg'")
     wrong = missing = sum(len(runs) for runs in data.runs.values())
     _, _, outcomes = run_all(url)
-    assert written(outcomes) == {"inserted": missing, "updated": wrong, "unchanged": data.pairs - wrong - missing}
+    assert written(outcomes) == {"inserted": missing, "updated": wrong, "unchanged": data.pairs - wrong - missing, "deleted": 0}
     assert table(url) == saved
 
 
@@ -147,7 +148,7 @@ def test_only_missing_fills_absent_pairs_and_leaves_the_rest_alone(mlflow_db):
     sql(url, "DELETE FROM latest_metrics WHERE key IN ('accuracy', 'edge/nan_last')")
     deleted = 2 * sum(len(runs) for runs in data.runs.values())
     _, _, outcomes = run_all(url, only_missing=True)
-    assert written(outcomes) == {"inserted": deleted, "updated": 0, "unchanged": data.pairs - deleted}
+    assert written(outcomes) == {"inserted": deleted, "updated": 0, "unchanged": data.pairs - deleted, "deleted": 0}
     after = table(url)
     assert [r for r in after if r[0] != "loss"] == [r for r in saved if r[0] != "loss"]
     assert {r[1] for r in after if r[0] == "loss"} == {-1}
@@ -193,9 +194,9 @@ def test_into_another_database_gives_the_same_table(mlflow_db, other_mlflow_db):
     assert not migration.in_place
     assert table(other_mlflow_db) == saved
     assert sum(o.rows_read for o in outcomes) == data.metric_rows
-    assert written(outcomes) == {"inserted": data.pairs, "updated": 0, "unchanged": 0}
+    assert written(outcomes) == {"inserted": data.pairs, "updated": 0, "unchanged": 0, "deleted": 0}
     _, _, outcomes = run_all(url, target_url=other_mlflow_db)
-    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": data.pairs}
+    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": data.pairs, "deleted": 0}
 
 
 def fail_after(url: str, rows: int) -> None:
