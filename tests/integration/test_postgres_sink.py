@@ -17,10 +17,10 @@ def test_upsert_is_idempotent_and_counts_what_changed(fresh_db):
     sink.ensure_table(TABLE)
     sink.ensure_table(TABLE)
     rows = [("a", 1, [1, 2], Jsonb({"x": 1})), ("b", 2, [3], Jsonb([["c", 1]]))]
-    assert sink.upsert(TABLE, rows).as_dict() == {"inserted": 2, "updated": 0, "unchanged": 0}
-    assert sink.upsert(TABLE, rows).as_dict() == {"inserted": 0, "updated": 0, "unchanged": 2}
+    assert sink.upsert(TABLE, rows).as_dict() == {"inserted": 2, "updated": 0, "unchanged": 0, "deleted": 0}
+    assert sink.upsert(TABLE, rows).as_dict() == {"inserted": 0, "updated": 0, "unchanged": 2, "deleted": 0}
     changed = [("a", 1, [1, 2], Jsonb({"x": 2})), ("c", 3, [], Jsonb({}))]
-    assert sink.upsert(TABLE, changed).as_dict() == {"inserted": 1, "updated": 1, "unchanged": 0}
+    assert sink.upsert(TABLE, changed).as_dict() == {"inserted": 1, "updated": 1, "unchanged": 0, "deleted": 0}
     got = sink.connection().execute("SELECT k, n, h, j FROM metrics_t ORDER BY k").fetchall()
     assert got == [("a", 1, [1, 2], {"x": 2}), ("b", 2, [3], [["c", 1]]), ("c", 3, [], {})]
     sink.close()
@@ -71,11 +71,11 @@ def test_existing_varchar_columns_with_a_length_are_accepted_but_other_types_are
 def test_insert_missing_leaves_existing_rows_alone_and_counts_them_unchanged(fresh_db):
     sink = Sink(fresh_db)
     sink.ensure_table(MLFLOW_LIKE)
-    assert sink.upsert(MLFLOW_LIKE, [("a", 1.0, "r1")]).as_dict() == {"inserted": 1, "updated": 0, "unchanged": 0}
+    assert sink.upsert(MLFLOW_LIKE, [("a", 1.0, "r1")]).as_dict() == {"inserted": 1, "updated": 0, "unchanged": 0, "deleted": 0}
     counts = sink.insert_missing(MLFLOW_LIKE, [("a", 9.0, "r1"), ("b", 2.0, "r1")])
-    assert counts.as_dict() == {"inserted": 1, "updated": 0, "unchanged": 1}
+    assert counts.as_dict() == {"inserted": 1, "updated": 0, "unchanged": 1, "deleted": 0}
     assert sink.connection().execute("SELECT key, value FROM latest_t ORDER BY key").fetchall() == [("a", 1.0), ("b", 2.0)]
-    assert sink.insert_missing(MLFLOW_LIKE, []).as_dict() == {"inserted": 0, "updated": 0, "unchanged": 0}
+    assert sink.insert_missing(MLFLOW_LIKE, []).as_dict() == {"inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0}
     sink.close()
 
 
@@ -85,7 +85,7 @@ def test_rewrite_when_keeps_a_row_that_differs_only_in_other_columns(fresh_db):
     sink.ensure_table(table)
     sink.upsert(table, [("a", 0.0, True), ("b", 1.0, False)])
     counts = sink.upsert(table, [("a", 0.0, False), ("b", 2.0, False)], rewrite_when=("v",))
-    assert counts.as_dict() == {"inserted": 0, "updated": 1, "unchanged": 1}
+    assert counts.as_dict() == {"inserted": 0, "updated": 1, "unchanged": 1, "deleted": 0}
     assert sink.connection().execute("SELECT k, v, flag FROM tie_t ORDER BY k").fetchall() == \
         [("a", 0.0, True), ("b", 2.0, False)]
     with pytest.raises(ConfigError, match="must name non-key columns"):
