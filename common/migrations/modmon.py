@@ -345,7 +345,9 @@ class Modmon(Migration):
         ).format(self._predictions, _in_range("ts", lo, hi))
         valid = hour_start(self.options["valid_from_hour"]), hour_start(self.options["valid_until_hour"])
         count, content, out_of_range = self.source.query(query, [*valid, deployment])[0]
-        return f"{FINGERPRINT_VERSION}:{count}:{content}:{out_of_range}"
+        # What a chunk writes depends on --keep-deleted too: a chunk run with it never matches one run without.
+        rule = "keep" if self.options.get("keep_deleted") else "own"
+        return f"{FINGERPRINT_VERSION}:{rule}:{count}:{content}:{out_of_range}"
 
     def _unchanged_outcome(self, spec: ChunkSpec, fingerprint: str, lo: datetime | None,
                            hi: datetime | None) -> ChunkOutcome | None:

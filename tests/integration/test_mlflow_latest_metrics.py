@@ -235,3 +235,53 @@ def test_target_without_mlflow_schema_is_refused(mlflow_db, fresh_db):
     with pytest.raises(ConfigError, match="has no table latest_metrics; point --target-url at an MLflow database"):
         migration.prepare_target()
     migration.close()
+
+
+def test_pairs_with_no_metrics_left_are_deleted_unless_kept(mlflow_db):
+    """A key gone from a run, a run with no metrics left, an experiment with none left: their rows go."""
+    url, data, saved = mlflow_db
+    a, b = data.experiments[0], data.experiments[1]
+    run, emptied_run = data.runs[a][0], data.runs[a][1]
+    sql(url, "DELETE FROM metrics WHERE run_uuid = %s AND key = 'lr'", (run,))
+    sql(url, "DELETE FROM metrics WHERE run_uuid = %s OR run_uuid = ANY(%s)", (emptied_run, list(data.runs[b])))
+    _, _, kept = run_all(url, keep_deleted=True)
+    assert written(kept)["deleted"] == 0 and table(url) == saved
+    gone_runs = {emptied_run, *data.runs[b]}
+    expected = [r for r in saved if r[5] not in gone_runs and (r[5], r[0]) != (run, "lr")]
+    migration, chunks, outcomes = run_all(url)
+    assert table(url) == expected
+    deleted = len(saved) - len(expected)
+    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": len(expected), "deleted": deleted}
+    assert [(c.lo, c.hi) for c in chunks if c.partition == b] == [("", "")]  # planned from the target alone
+    checks = migration.verify(Selection(), [*data.experiments, data.empty_experiment], {})
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    _, _, again = run_all(url)
+    assert written(again)["deleted"] == 0 and written(again)["unchanged"] == len(expected)
+    migration.close()
+
+
+def test_pairs_of_a_run_deleted_from_another_source_database_are_deleted(mlflow_db, other_mlflow_db):
+    url, data, saved = mlflow_db
+    run_all(url, target_url=other_mlflow_db)
+    gone = data.runs[data.experiments[2]][-1]
+    for child in ("latest_metrics", "metrics", "params", "tags"):
+        sql(url, f"DELETE FROM {child} WHERE run_uuid = %s", (gone,))
+    sql(url, "DELETE FROM runs WHERE run_uuid = %s", (gone,))
+    _, _, outcomes = run_all(url, target_url=other_mlflow_db)
+    assert table(other_mlflow_db) == [r for r in saved if r[5] != gone]
+    assert written(outcomes)["deleted"] == sum(1 for r in saved if r[5] == gone) > 0
+
+
+@pytest.mark.parametrize("where", ["in place", "another database"])
+def test_a_row_wrong_only_in_is_nan_is_repaired(mlflow_db, other_mlflow_db, where):
+    """is_nan true on a logged 5.0, false on a NaN: both repaired and counted updated; the tie is kept."""
+    url, data, saved = mlflow_db
+    target = url if where == "in place" else other_mlflow_db
+    if target != url:
+        run_all(url, target_url=target)
+    sql(target, "UPDATE latest_metrics SET is_nan = true WHERE key = 'loss'")
+    sql(target, "UPDATE latest_metrics SET is_nan = false WHERE key = 'edge/nan_last'")
+    wrong = 2 * sum(len(runs) for runs in data.runs.values())
+    _, _, outcomes = run_all(url, target_url=target)
+    assert written(outcomes) == {"inserted": 0, "updated": wrong, "unchanged": data.pairs - wrong, "deleted": 0}
+    assert table(target) == saved
