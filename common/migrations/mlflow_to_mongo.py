@@ -138,14 +138,16 @@ class MlflowToMongo(Migration):
 
     def _emptied(self, selection: Selection, counts: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
         """(table, partition) pairs with documents in the target but no rows in the source: each gets a
-        chunk that deletes them. One `distinct` of `_partition` per collection (its index, once built)."""
+        chunk that deletes them. One `$group` on `_partition` per collection, as `target_counts` counts
+        (not `distinct`, whose answer is one document capped at 16 MB)."""
         emptied = []
         with translate_mongo_errors(f"target {self.sink.public_url}"):
             present = set(self.sink.db.list_collection_names())
             for name, table in self.tables.items():
                 if self.collection(name) not in present:
                     continue
-                for partition in self.sink.db[self.collection(name)].distinct(PARTITION_FIELD):
+                for group in self.sink.db[self.collection(name)].aggregate([{"$group": {"_id": f"${PARTITION_FIELD}"}}]):
+                    partition = group["_id"]
                     if isinstance(partition, str) and (name, partition) not in counts \
                             and self._selected(table, partition, selection):
                         emptied.append((name, partition))
