@@ -436,7 +436,8 @@ class Modmon(Migration):
         for deployment in partitions:
             src, dst, rej = source.get(deployment, 0), target.get(deployment, 0), rejected.get(deployment, 0)
             ok = src == dst + rej
-            detail = "" if ok else f"{src - dst - rej:+d} archived rows are neither in hourly buckets nor rejects"
+            detail = "" if ok else f"{src - dst - rej} archived rows are neither in hourly buckets nor rejects" \
+                if src > dst + rej else f"hourly buckets count {dst + rej - src} rows more than are archived"
             checks.append(Check(ENTITY, deployment, ok, src, dst, rej, detail))
         return checks
 
