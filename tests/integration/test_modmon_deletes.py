@@ -60,10 +60,11 @@ def verify(url: str, chunks, outcomes) -> list:
 
 
 def test_an_hour_emptied_in_the_source_loses_its_buckets_unless_kept(source):
+    """The deployment's first hour: chunks cut from the source's hours alone would no longer reach it."""
     url, data = source
     dep = data.deployments[0]
-    (hour,), = sql(url, "SELECT date_trunc('hour', ts) FROM archived_predictions WHERE deployment_id = %s"
-                        " GROUP BY 1 ORDER BY 1 OFFSET 20 LIMIT 1", (dep,))
+    (hour,), = sql(url, "SELECT min(date_trunc('hour', ts)) FROM archived_predictions WHERE deployment_id = %s"
+                        " AND ts > '2000-01-01'", (dep,))
     where = ("deployment_id = %s AND hour = %s", (dep, hour))
     before = buckets(url, *where)
     assert before[PREDICTIONS] > 0 and before[FEATURES] > 0
