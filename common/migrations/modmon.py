@@ -271,8 +271,14 @@ class Modmon(Migration):
 
     def prepare_target(self) -> None:
         # A state table recorded before the target fingerprint existed gains the column (NULL: never skips).
-        self.sink.execute(sql.SQL("ALTER TABLE IF EXISTS {} ADD COLUMN IF NOT EXISTS target_fingerprint text").format(
-            identifier(self.tables[CHUNK_STATE.name].name)))
+        # Looked up first: ALTER TABLE locks the table out even when the column is there already.
+        state = self.tables[CHUNK_STATE.name].name
+        lacking = self._target_query(sql.SQL(
+            "SELECT to_regclass(%s) IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid ="
+            " to_regclass(%s) AND attname = 'target_fingerprint' AND NOT attisdropped)"), [state, state])[0][0]
+        if lacking:
+            self.sink.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS target_fingerprint text").format(
+                identifier(state)))
         for spec in self.tables.values():
             self.sink.ensure_table(spec)
 

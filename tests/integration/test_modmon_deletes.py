@@ -146,3 +146,11 @@ def test_unchanged_chunks_are_skipped_and_recompute_forces_every_one(source, mon
     assert sum(o.totals().written for o in recomputed) == 0
     assert [o.rows_read for o in recomputed] == [o.rows_read for o in skipped]
     assert [o.totals().unchanged for o in recomputed] == [o.totals().unchanged for o in skipped]
+
+
+def test_a_state_table_recorded_before_target_fingerprints_gains_the_column(source):
+    url, _ = source
+    sql(url, "ALTER TABLE stats.shuttle_modmon_chunks DROP COLUMN target_fingerprint")
+    chunks, outcomes = run_all(url)  # no state matches: every chunk computes, and records both fingerprints
+    assert sum(o.totals().written for o in outcomes) == 0
+    assert sql(url, "SELECT count(*) FROM stats.shuttle_modmon_chunks WHERE target_fingerprint IS NULL") == [(0,)]
