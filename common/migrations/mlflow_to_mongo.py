@@ -142,6 +142,10 @@ class MlflowToMongo(Migration):
         (not `distinct`, whose answer is one document capped at 16 MB)."""
         emptied = []
         with translate_mongo_errors(f"target {self.sink.public_url}"):
+            # A database not there yet holds nothing to delete, and planning must not create it (a server
+            # may create a database on a mere read).
+            if self.sink.database_name not in self.sink.client.list_database_names():
+                return []
             present = set(self.sink.db.list_collection_names())
             for name, table in self.tables.items():
                 if self.collection(name) not in present:

@@ -91,3 +91,21 @@ def test_rewrite_when_keeps_a_row_that_differs_only_in_other_columns(fresh_db):
     with pytest.raises(ConfigError, match="must name non-key columns"):
         sink.upsert(table, [("a", 0.0, True)], rewrite_when=("k",))
     sink.close()
+
+
+def test_owned_rows_the_write_does_not_hold_are_deleted_and_counted(fresh_db):
+    """`owned` scopes the delete: stale keys inside it go (one anti-join), rows outside it stay."""
+    from psycopg import sql
+
+    sink = Sink(fresh_db)
+    table = TableSpec("owned_t", (Column("g", "text"), Column("k", "int8"), Column("v", "int8")), key=("g", "k"))
+    sink.ensure_table(table)
+    sink.upsert(table, [("a", 1, 1), ("a", 2, 2), ("a", 3, 3), ("b", 1, 1)])
+    group_a = sql.SQL("g = {}").format(sql.Literal("a"))
+    counts = sink.upsert(table, [("a", 1, 1), ("a", 3, 30)], owned=group_a)
+    assert counts.as_dict() == {"inserted": 0, "updated": 1, "unchanged": 1, "deleted": 1}
+    counts, _ = sink.upsert_query(table, sql.SQL("SELECT 'a'::text AS g, 3::int8 AS k, 30::int8 AS v"), owned=group_a)
+    assert counts.as_dict() == {"inserted": 0, "updated": 0, "unchanged": 1, "deleted": 1}
+    assert sink.upsert_together([(table, [])], owned={table.name: group_a})[table.name].deleted == 1
+    assert sink.connection().execute("SELECT g, k, v FROM owned_t ORDER BY 1, 2").fetchall() == [("b", 1, 1)]
+    sink.close()
