@@ -256,7 +256,8 @@ class Modmon(Migration):
 
     def _bucketed_deployments(self, selection: Selection) -> list[str]:
         """Deployments with buckets in the target (in the selection's window): those whose source rows
-        are all gone still get a chunk, which deletes their buckets. An index scan of a small table."""
+        are all gone still get a chunk, which deletes their buckets. One pass over the hourly tables (a row
+        per bucket, not per prediction), only when chunks may delete."""
         names = [self.tables[n].name for n in (PREDICTION_STATS.name, FEATURE_DRIFT.name)]
         if not all(self._target_query(sql.SQL("SELECT to_regclass(%s) IS NOT NULL"), [n])[0][0] for n in names):
             return []
