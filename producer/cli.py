@@ -66,6 +66,9 @@ def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
     @click.option("--batch-size", type=click.IntRange(min=1), help="Rows per write batch inside a chunk.")
     @click.option("--only-missing", is_flag=True, help="Fill only what the target lacks (where the migration supports it).")
     @click.option("--sample", type=click.IntRange(min=0), help="Rows to compare field by field in the report.")
+    @click.option("--keep-deleted", is_flag=True,
+                  help="Keep target rows whose source rows are gone (append-only targets); default: delete them.")
+    @click.option("--recompute", is_flag=True, help="Recompute every chunk, even one whose fingerprints match.")
     @click.option("--option", "extra_options", multiple=True, metavar="KEY=VALUE",
                   help="A migration-specific option (see the README's catalogue).")
     @wraps(func)

@@ -330,6 +330,19 @@ class Sink(BaseSink):
         return [Index(tuple((field, int(direction)) for field, direction in spec["key"]), bool(spec.get("unique")))
                 for spec in info.values()]
 
+    def has_index_on(self, collection: str, field_name: str) -> bool:
+        """Whether an index leads with `field_name` (so a query on it reads the index, not every document)."""
+        return any(index.keys[0][0] == field_name for index in self.indexes(collection) if index.keys)
+
+    def delete_ids(self, collection: str, ids: Sequence[Any]) -> int:
+        """Delete the documents with these `_id`s, in batches; returns how many the server deleted."""
+        deleted = 0
+        with translate_errors(f"target {self.public_url}"):
+            for start in range(0, len(ids), self.batch_size):
+                deleted += self.db[collection].delete_many({"_id": {"$in": list(ids[start:start + self.batch_size])}}
+                                                           ).deleted_count
+        return deleted
+
     # -- reads for verification ------------------------------------------------------------------
 
     def count(self, collection: str, query: dict[str, Any] | None = None) -> int:

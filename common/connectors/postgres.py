@@ -8,7 +8,7 @@ reports it as unchanged. This is the fastest idempotent path measured (DESIGN §
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -189,23 +189,42 @@ class Sink(_Connected, BaseSink):
     kind = "postgres"
     role = "target"
 
-    def upsert(self, table: TableSpec, rows: Sequence[Row], rewrite_when: Sequence[str] | None = None) -> WriteCounts:
+    def upsert(self, table: TableSpec, rows: Sequence[Row], rewrite_when: Sequence[str] | None = None,
+               owned: sql.Composable | None = None) -> WriteCounts:
         """Upsert rows; an existing row is rewritten only when one of `rewrite_when` (default: every
-        non-key column) differs, so a migration can keep a row its own rule counts as equal."""
+        non-key column) differs, so a migration can keep a row its own rule counts as equal. With
+        `owned` (a condition on the target's columns), owned rows whose key is not in `rows` are deleted
+        in the same transaction."""
         with translate_errors(f"target {self.public_url}"):
             conn = self.connection()
             with conn.transaction(), conn.cursor() as cur:
-                return self._upsert_one(cur, table, rows, rewrite_when)
+                return self._upsert_one(cur, table, rows, rewrite_when, owned)
 
-    def upsert_together(self, batches: Sequence[tuple[TableSpec, Sequence[Row]]]) -> dict[str, WriteCounts]:
-        """Upsert into several tables in one transaction, so a chunk lands whole or not at all."""
+    def upsert_together(self, batches: Sequence[tuple[TableSpec, Sequence[Row]]],
+                        owned: Mapping[str, sql.Composable] | None = None,
+                        then: Sequence[tuple[sql.Composable, Sequence[Any]]] = ()) -> dict[str, WriteCounts]:
+        """Upsert into several tables in one transaction, so a chunk lands whole or not at all.
+
+        `owned` maps a table to the condition on its rows that this write owns: rows there whose key the
+        batch does not hold are deleted (a chunk makes its range equal to what the source yields now).
+        `then` runs last in the same transaction, e.g. bookkeeping computed from what was written."""
         counts: dict[str, WriteCounts] = {}
+        owned = owned or {}
         with translate_errors(f"target {self.public_url}"):
             conn = self.connection()
             with conn.transaction(), conn.cursor() as cur:
                 for table, rows in batches:
-                    counts[table.name] = self._upsert_one(cur, table, rows)
+                    counts[table.name] = self._upsert_one(cur, table, rows, owned=owned.get(table.name))
+                for statement, params in then:
+                    cur.execute(statement, params)
         return counts
+
+    def execute(self, statement: sql.Composable, params: Sequence[Any] = ()) -> None:
+        """One statement in its own transaction (e.g. adding a column to Shuttle's own bookkeeping table)."""
+        with translate_errors(f"target {self.public_url}"):
+            conn = self.connection()
+            with conn.transaction():
+                conn.execute(statement, params)
 
     def insert_missing(self, table: TableSpec, rows: Sequence[Row]) -> WriteCounts:
         """Insert only rows whose key is absent; existing rows are left as they are (counted unchanged).
@@ -237,40 +256,58 @@ class Sink(_Connected, BaseSink):
         return stage
 
     def upsert_query(self, table: TableSpec, query: sql.Composable, rewrite_when: Sequence[str] | None = None,
-                     only_missing: bool = False, tally: str | None = None) -> tuple[WriteCounts, int]:
+                     only_missing: bool = False, tally: str | None = None,
+                     owned: sql.Composable | None = None) -> tuple[WriteCounts, int]:
         """Upsert the rows of a SELECT that runs in the target database itself, in one statement.
 
         For a migration whose source tables live in the target database: no row leaves the server, so
         there is no COPY out, no decoding and no staging. The query yields the table's columns (and
         optionally a `tally` column, summed and returned, e.g. the source rows each output row stands
-        for). Same rules as `upsert` (or `insert_missing` when `only_missing`), same counts.
+        for). Same rules as `upsert` (or `insert_missing` when `only_missing`), same counts; `owned` as
+        in `upsert`, the stale rows deleted by the same statement.
         """
+        incoming = sql.Identifier("incoming")
         with translate_errors(f"target {self.public_url}"):
             conn = self.connection()
             with conn.transaction(), conn.cursor() as cur:
-                write = _insert_missing_sql(table, sql.Identifier("incoming")) if only_missing \
-                    else _upsert_sql(table, sql.Identifier("incoming"), rewrite_when)
+                write = _insert_missing_sql(table, incoming) if only_missing \
+                    else _upsert_sql(table, incoming, rewrite_when)
                 total = sql.SQL("coalesce(sum({}), 0)").format(sql.Identifier(tally)) if tally else sql.SQL("0")
+                # Disjoint keys: the DELETE takes only keys the query did not yield, the INSERT only those it did.
+                gone = sql.SQL(", gone AS ({} RETURNING 1)").format(_delete_stale_sql(table, incoming, owned)) \
+                    if owned is not None else sql.SQL("")
                 cur.execute(sql.SQL(
-                    "WITH incoming AS MATERIALIZED ({query}), written AS ({write})"
+                    "WITH incoming AS MATERIALIZED ({query}), written AS ({write}){gone}"
                     " SELECT (SELECT count(*) FROM incoming), (SELECT {total} FROM incoming),"
-                    " count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"
-                ).format(query=query, write=write, total=total))
-                rows, tallied, inserted, updated = cur.fetchone()
-        return WriteCounts(inserted=inserted, updated=updated, unchanged=rows - inserted - updated), int(tallied)
+                    " count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted), {deleted} FROM written"
+                ).format(query=query, write=write, total=total, gone=gone,
+                         deleted=sql.SQL("(SELECT count(*) FROM gone)" if owned is not None else "0")))
+                rows, tallied, inserted, updated, deleted = cur.fetchone()
+        return WriteCounts(inserted=inserted, updated=updated, unchanged=rows - inserted - updated,
+                           deleted=deleted), int(tallied)
 
     @classmethod
     def _upsert_one(cls, cur: psycopg.Cursor, table: TableSpec, rows: Sequence[Row],
-                    rewrite_when: Sequence[str] | None = None) -> WriteCounts:
+                    rewrite_when: Sequence[str] | None = None, owned: sql.Composable | None = None) -> WriteCounts:
+        """The guarded upsert of `rows`; with `owned`, then one set-based DELETE of the owned rows
+        whose key is not among them (an anti-join against the staging table)."""
         if not rows:
-            return WriteCounts()
+            if owned is None:
+                return WriteCounts()
+            cur.execute(sql.SQL("DELETE FROM {} AS t WHERE {}").format(identifier(table.name), owned))
+            return WriteCounts(deleted=cur.rowcount)
         stage = cls._stage(cur, table, rows)
         cur.execute(sql.SQL(
             "WITH written AS ({})"
             " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"
         ).format(_upsert_sql(table, stage, rewrite_when)))
         inserted, updated = cur.fetchone()
-        return WriteCounts(inserted=inserted, updated=updated, unchanged=len(rows) - inserted - updated)
+        deleted = 0
+        if owned is not None:
+            cur.execute(_delete_stale_sql(table, stage, owned))
+            deleted = cur.rowcount
+        return WriteCounts(inserted=inserted, updated=updated, unchanged=len(rows) - inserted - updated,
+                           deleted=deleted)
 
     def ensure_table(self, table: TableSpec) -> None:
         """Create the table if missing; refuse a same-named table whose columns differ."""
@@ -329,6 +366,17 @@ def _upsert_sql(table: TableSpec, source: sql.Composable, rewrite_when: Sequence
                                             for c in data_cols),
              current=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in compared),
              incoming=sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in compared))
+
+
+def _delete_stale_sql(table: TableSpec, incoming: sql.Composable, owned: sql.Composable) -> sql.Composable:
+    """`DELETE` the rows of `table` matching `owned` whose key is not in `incoming` (a table or CTE).
+
+    `owned` names the target's columns unqualified; they resolve to the target row being deleted."""
+    return sql.SQL(
+        "DELETE FROM {target} AS t WHERE {owned} AND NOT EXISTS"
+        " (SELECT 1 FROM {incoming} i WHERE {match})"
+    ).format(target=identifier(table.name), owned=owned, incoming=incoming,
+             match=sql.SQL(" AND ").join(sql.SQL("i.{0} = t.{0}").format(sql.Identifier(k)) for k in table.key))
 
 
 def _insert_missing_sql(table: TableSpec, source: sql.Composable) -> sql.Composable:

@@ -10,7 +10,9 @@
 
 Chunks are (table, partition, primary-key range [lo, hi)), boundaries taken from the data; documents are
 inserted, or replaced whole by `_id`, and identical ones are not rewritten, so re-running a chunk rewrites
-nothing. `prepare_target` creates the collections; the indexes are built by `finish_target` once all chunks
+nothing. A chunk owns its range of the target: documents of its partition and key range whose row is gone
+from the source are deleted after its writes (unless --keep-deleted), and a (table, partition) with
+documents left but no rows gets one chunk for all of it. No chunk is ever skipped: there is no fingerprint. `prepare_target` creates the collections; the indexes are built by `finish_target` once all chunks
 are done, before verification. Verification: every index present, counts per collection and partition,
 referential integrity in the target, and a sampled field-by-field comparison.
 """
@@ -31,8 +33,8 @@ from common.connectors.mongo import translate_errors as translate_mongo_errors
 from common.connectors.postgres import Source, translate_errors
 from common.errors import ConfigError
 from common.migrations.base import Check, Migration, ProgressCallback, Selection
-from common.migrations.mlflow_mapping import (JSON_TEXT, KNOWN_TABLES, PARTITION_FIELD, id_text, indexes_for,
-                                              to_document)
+from common.migrations.mlflow_mapping import (JSON_TEXT, KNOWN_TABLES, PARTITION_FIELD, document_id, id_text,
+                                              indexes_for, to_document)
 from common.migrations.mlflow_schema import GLOBAL, MODEL_PREFIX, Table, parents_first, reflect, references
 from common.model import ChunkOutcome, ChunkSpec, PartitionCount, Reject, WriteCounts
 from common.write_behind import WriteBehind
@@ -41,6 +43,11 @@ log = logging.getLogger("shuttle.mlflow_to_mongo")
 DEFAULT_BATCH = 1_000
 DEFAULT_SAMPLE = 50
 SAMPLE_OVERDRAW = 20  # a large table's sample is drawn from about 20 × --sample rows (see _sample_rows)
+STALE_BATCH = 10_000  # documents of a partition checked against a chunk's key range per source query
+# Collations that order text by code point, as MongoDB compares strings: a key range on such a column can be
+# narrowed in the target by the column's own bounds.
+BYTE_ORDER_COLLATIONS = frozenset({"C", "POSIX", "C.UTF-8", "C.utf8", "ucs_basic", "pg_c_utf8"})
+ORDERED_ALIKE_TYPES = frozenset({"smallint", "integer", "bigint", "real", "double precision", "boolean"})
 
 
 class MlflowToMongo(Migration):
@@ -61,6 +68,7 @@ class MlflowToMongo(Migration):
         self._tables: dict[str, Table] | None = None
         self._counts: dict[tuple[str, str], int] | None = None
         self._refused_indexes: dict[tuple[str, Index], str] = {}  # by finish_target, for verify
+        self._narrowable: dict[str, bool] = {}  # per table: its first key column orders as MongoDB does
         self._writes = WriteBehind()
 
     @classmethod
@@ -74,6 +82,8 @@ class MlflowToMongo(Migration):
             "collection_prefix": extra.get("collection_prefix", ""),
             "batch_size": int(flags.get("batch_size") or extra.get("batch_size") or DEFAULT_BATCH),
             "sample": int(flags["sample"] if flags.get("sample") is not None else extra.get("sample", DEFAULT_SAMPLE)),
+            "keep_deleted": bool(flags.get("keep_deleted")),
+            "recompute": bool(flags.get("recompute")),  # every chunk is recomputed anyway: nothing is skipped
         }
 
     # -- the source as found ---------------------------------------------------------------------
@@ -105,24 +115,47 @@ class MlflowToMongo(Migration):
         experiments = list(selection.partitions or [])
         return experiments, selection.model_names is not None, False
 
-    def _source_counts(self, selection: Selection) -> dict[tuple[str, str], int]:
+    def _selected(self, table: Table, partition: str, selection: Selection) -> bool:
+        """Whether the selection covers `partition` of `table`."""
         experiments, registry, global_ = self._wanted(selection)
-        names = {MODEL_PREFIX + n for n in selection.model_names or ()}
+        if partition == GLOBAL:  # global tables, and rows whose experiment cannot be resolved
+            return global_
+        if table.kind == "registry":
+            return registry and (selection.model_names is None or
+                                 partition in {MODEL_PREFIX + n for n in selection.model_names})
+        return experiments is None or partition in experiments
+
+    def _source_counts(self, selection: Selection) -> dict[tuple[str, str], int]:
         counts: dict[tuple[str, str], int] = {}
         for name in parents_first(self.tables):
             table = self.tables[name]
             query = sql.SQL("SELECT {p}, count(*) FROM {f} GROUP BY 1").format(
                 p=table.partition_expr(), f=table.from_clause(self.schema))
             for partition, rows in self.source.query(query):
-                if partition == GLOBAL:  # global tables, and rows whose experiment cannot be resolved
-                    keep = global_
-                elif table.kind == "registry":
-                    keep = registry and (selection.model_names is None or partition in names)
-                else:
-                    keep = experiments is None or partition in experiments
-                if keep:
+                if self._selected(table, partition, selection):
                     counts[(name, partition)] = int(rows)
         return counts
+
+    def _emptied(self, selection: Selection, counts: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+        """(table, partition) pairs with documents in the target but no rows in the source: each gets a
+        chunk that deletes them. One `$group` on `_partition` per collection, as `target_counts` counts
+        (not `distinct`, whose answer is one document capped at 16 MB)."""
+        emptied = []
+        with translate_mongo_errors(f"target {self.sink.public_url}"):
+            # A database not there yet holds nothing to delete, and planning must not create it (a server
+            # may create a database on a mere read).
+            if self.sink.database_name not in self.sink.client.list_database_names():
+                return []
+            present = set(self.sink.db.list_collection_names())
+            for name, table in self.tables.items():
+                if self.collection(name) not in present:
+                    continue
+                for group in self.sink.db[self.collection(name)].aggregate([{"$group": {"_id": f"${PARTITION_FIELD}"}}]):
+                    partition = group["_id"]
+                    if isinstance(partition, str) and (name, partition) not in counts \
+                            and self._selected(table, partition, selection):
+                        emptied.append((name, partition))
+        return emptied
 
     def count_partitions(self, selection: Selection) -> list[PartitionCount]:
         counts = self._source_counts(selection)
@@ -145,6 +178,8 @@ class MlflowToMongo(Migration):
 
     def plan_chunks(self, selection: Selection, chunk_rows: int) -> Iterator[ChunkSpec]:
         counts = self._counts if self._counts is not None else self._source_counts(selection)
+        if not self.options.get("keep_deleted"):
+            counts = {**counts, **{pair: 0 for pair in self._emptied(selection, counts)}}
         order = {name: i for i, name in enumerate(parents_first(self.tables))}
         for (name, partition), rows in sorted(counts.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
             if rows <= chunk_rows:
@@ -199,6 +234,7 @@ class MlflowToMongo(Migration):
         outcome = ChunkOutcome()
         batch: list[dict[str, Any]] = []
         batch_size = self.sink.batch_size
+        seen: set[Any] = set()  # the `_id` of every row the source yields in the range: the rest is stale
         try:
             for row in self._rows(table, spec.partition, spec.lo, spec.hi):
                 outcome.rows_read += 1
@@ -207,7 +243,9 @@ class MlflowToMongo(Migration):
                 except (TypeError, ValueError, OverflowError) as exc:
                     outcome.rejects.append(Reject(table.name, json.dumps([str(row.get(k)) for k in table.key]),
                                                   f"cannot convert: {exc}", str(row)[:500]))
+                    seen.add(_row_id(table, row))
                     continue
+                seen.add(doc["_id"])
                 batch.append(doc)
                 if len(batch) >= batch_size:
                     self._writes.submit(self._flush, table.name, batch, outcome)
@@ -218,8 +256,78 @@ class MlflowToMongo(Migration):
         except BaseException:
             self._writes.abandon()
             raise
+        if not self.options.get("keep_deleted"):
+            counts = outcome.writes.setdefault(table.name, WriteCounts())
+            counts.deleted += self._delete_stale(table, spec, seen, found=bool(counts.updated or counts.unchanged))
         progress(outcome.rows_read)
         return outcome
+
+    def _delete_stale(self, table: Table, spec: ChunkSpec, seen: set[Any], found: bool) -> int:
+        """Delete the documents of the chunk's partition and key range whose row the source no longer has.
+
+        Read through the `_partition` index. Before the first run's indexes exist, the read would scan the
+        whole collection for every chunk of a fresh load, so it is done then only if the chunk `found`
+        some of its documents already stored (a re-run or resume of an unfinished load)."""
+        collection = self.collection(table.name)
+        if not found and not self.sink.has_index_on(collection, PARTITION_FIELD):
+            return 0
+        ranged = bool(spec.lo or spec.hi)
+        query: dict[str, Any] = {PARTITION_FIELD: spec.partition, **(self._narrowed(table, spec) if ranged else {})}
+        projection = {"_id": 1, **({k: 1 for k in table.key} if ranged else {})}
+        stale: list[Any] = []
+        candidates: list[dict[str, Any]] = []
+        with translate_mongo_errors(f"target {self.sink.public_url}"):
+            for doc in self.sink.db[collection].find(query, projection, batch_size=STALE_BATCH):
+                if doc["_id"] in seen:
+                    continue
+                candidates.append(doc)
+                if len(candidates) >= STALE_BATCH:
+                    stale += self._in_range(table, spec, candidates) if ranged else [d["_id"] for d in candidates]
+                    candidates = []
+        stale += self._in_range(table, spec, candidates) if ranged else [d["_id"] for d in candidates]
+        return self.sink.delete_ids(collection, stale) if stale else 0
+
+    def _in_range(self, table: Table, spec: ChunkSpec, docs: list[dict[str, Any]]) -> list[Any]:
+        """The `_id`s of `docs` whose key lies in the chunk's [lo, hi), compared by the source database
+        exactly as `_rows` compares (the column types and collations the planner cut the ranges with)."""
+        if not docs:
+            return []
+        columns = [sql.SQL("{}[]").format(sql.SQL(table.columns[k])) for k in table.key]
+        names = sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(len(table.key)))
+        conditions, params = [sql.SQL("TRUE")], [list(range(len(docs)))] + [[d.get(k) for d in docs] for k in table.key]
+        for bound, op in ((spec.lo, ">="), (spec.hi, "<")):
+            if bound:
+                values = json.loads(bound)
+                conditions.append(sql.SQL("({}) " + op + " ({})").format(
+                    names, sql.SQL(", ").join(sql.Placeholder() for _ in values)))
+                params += values
+        query = sql.SQL("SELECT i FROM unnest(%s::int[], {arrays}) AS c(i, {names}) WHERE {where}").format(
+            arrays=sql.SQL(", ").join(sql.SQL("%s::{}").format(c) for c in columns), names=names,
+            where=sql.SQL(" AND ").join(conditions))
+        return [docs[i]["_id"] for (i,) in self.source.query(query, params)]
+
+    def _narrowed(self, table: Table, spec: ChunkSpec) -> dict[str, Any]:
+        """A filter on the first key field bounding the range in the target, where MongoDB orders that
+        field as the source does (numbers, or text under a code-point collation); else no filter, and
+        `_in_range` sees the whole partition. Inclusive at both ends: later key fields decide the rest."""
+        first = table.key[0]
+        if table.name not in self._narrowable:
+            kind, collation = self.source.query(
+                "SELECT format_type(a.atttypid, NULL), CASE WHEN a.attcollation = 100"
+                " THEN (SELECT datcollate FROM pg_database WHERE datname = current_database())"
+                " ELSE co.collname END FROM pg_attribute a LEFT JOIN pg_collation co ON co.oid = a.attcollation"
+                " WHERE a.attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND a.attname = %s",
+                [self.schema, table.name, first])[0]
+            self._narrowable[table.name] = kind in ORDERED_ALIKE_TYPES or (
+                kind in ("text", "character varying") and collation in BYTE_ORDER_COLLATIONS)
+        if not self._narrowable[table.name]:
+            return {}
+        bounds = {}
+        if spec.lo:
+            bounds["$gte"] = json.loads(spec.lo)[0]
+        if spec.hi:
+            bounds["$lte"] = json.loads(spec.hi)[0]
+        return {first: bounds}
 
     def _flush(self, entity: str, docs: list[dict[str, Any]], outcome: ChunkOutcome) -> None:
         """Runs in the write-behind thread. It alone touches `outcome.writes`; its `rejects.extend` and
@@ -284,7 +392,9 @@ class MlflowToMongo(Migration):
         for name, partition in sorted(set(source) | {k for k in target if k[1] in partitions}):
             src, dst, rej = source.get((name, partition), 0), target.get((name, partition), 0), rejected.get(partition, 0)
             ok = src == dst or (rej > 0 and dst < src and src - dst <= rej)
-            detail = "" if src == dst else f"{src - dst:+d} documents missing" + (f" ({rej} rejects)" if rej else "")
+            detail = "" if src == dst else (f"{src - dst} documents missing" if src > dst else
+                                            f"{dst - src} extra documents, not in the source") + \
+                (f" ({rej} rejects)" if rej else "")
             checks.append(Check(name, partition, ok, src, dst, rej if src != dst else 0, detail))
         whole = selection.partitions is None and selection.model_names is None
         rows_per_table: dict[str, int] = {}
@@ -464,6 +574,14 @@ def _fields(index: Index) -> tuple[str, ...]:
 
 def _describe(index: Index) -> str:
     return f"{'unique ' if index.unique else ''}index ({', '.join(_fields(index))})"
+
+
+def _row_id(table: Table, row: dict[str, Any]) -> Any:
+    """The `_id` a row's document has, or None when even its key cannot be converted."""
+    try:
+        return document_id(tuple(row[k] for k in table.key))
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _encode_key(values: Sequence[Any]) -> str:

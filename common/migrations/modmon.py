@@ -11,7 +11,15 @@
 
 Chunks are (deployment, hour-aligned time range), so every hourly bucket is computed inside exactly
 one chunk and its upsert replaces it whole: re-running a chunk rewrites identical rows, which the
-guarded upsert reports as unchanged.
+guarded upsert reports as unchanged. A deployment's ranges are contiguous, the first and last open-ended
+(or ending at --since/--until), so every hour belongs to one chunk, hours with no rows left included; a
+chunk deletes the buckets of its range that the source no longer yields (unless --keep-deleted). A
+deployment whose rows are all gone but whose buckets remain gets one chunk for all of its time.
+
+A chunk is skipped (its recorded outcome reported) only when both fingerprints match what it recorded
+in the same transaction as its buckets: the source range's (every column read, NULL distinct from
+empty) and its buckets' in the target (so a bucket edited by hand is recomputed). --recompute skips
+nothing.
 """
 
 from __future__ import annotations
@@ -59,13 +67,16 @@ FEATURE_DRIFT = TableSpec(
     key=("deployment_id", "model_id", "feature", "hour"),
 )
 # What each chunk last read and wrote, committed with its rows: a re-run whose source range is
-# unchanged (same fingerprint) and whose buckets are all still there skips the read and aggregation.
+# unchanged and whose buckets are as it wrote them (both fingerprints equal) skips the read and aggregation.
 CHUNK_STATE = TableSpec(
     name="shuttle_modmon_chunks",
     columns=(Column("chunk_key", "text"), Column("source_fingerprint", "text"), Column("rows_read", "int8"),
-             Column("prediction_rows", "int8"), Column("feature_rows", "int8"), Column("rejects", "jsonb")),
+             Column("prediction_rows", "int8"), Column("feature_rows", "int8"), Column("rejects", "jsonb"),
+             Column("target_fingerprint", "text")),
     key=("chunk_key",),
 )
+# Bumped whenever the fingerprints' definition changes, so no state recorded by an older one matches.
+FINGERPRINT_VERSION = "v2"
 DRIFT_TRACKING = TableSpec(
     name="drift_tracking_settings",
     columns=(Column("deployment_id", "text"), Column("drift_tracking_enabled", "bool")),
@@ -103,6 +114,32 @@ def cut_hours(hour_counts: Sequence[tuple[int, int]], chunk_rows: int) -> Iterat
         hi, rows = hour + 1, rows + count
     if lo is not None:
         yield lo, hi, rows
+
+
+def span_ranges(cuts: Sequence[tuple[int, int, int]], since: int | None, until: int | None
+                ) -> Iterator[tuple[int | None, int | None, int]]:
+    """Make `cut_hours`' ranges contiguous: each ends where the next begins, the first starts at `since`
+    and the last ends at `until` (None: open-ended). Every hour of the deployment in the window then
+    belongs to exactly one chunk, hours without rows included, so no bucket is left unowned."""
+    cuts = list(cuts)
+    for i, (lo, _, rows) in enumerate(cuts):
+        yield (since if i == 0 else lo), (cuts[i + 1][0] if i + 1 < len(cuts) else until), rows
+
+
+def chunk_hours(spec: ChunkSpec) -> tuple[datetime | None, datetime | None]:
+    """The chunk's [lo, hi) as datetimes; an empty label is an open end."""
+    return (hour_start(hour_number(spec.lo)) if spec.lo else None,
+            hour_start(hour_number(spec.hi)) if spec.hi else None)
+
+
+def _in_range(column: str, lo: datetime | None, hi: datetime | None) -> sql.Composable:
+    """`column` in [lo, hi), either end open when None (values inlined as literals)."""
+    conditions: list[sql.Composable] = [sql.SQL("TRUE")]
+    if lo is not None:
+        conditions.append(sql.SQL("{} >= {}").format(sql.Identifier(column), sql.Literal(lo)))
+    if hi is not None:
+        conditions.append(sql.SQL("{} < {}").format(sql.Identifier(column), sql.Literal(hi)))
+    return sql.SQL(" AND ").join(conditions)
 
 
 def _window_hours(selection: Selection) -> tuple[int | None, int | None]:
@@ -159,6 +196,8 @@ class Modmon(Migration):
             "source_schema": flags.get("source_schema") or "public",
             "target_schema": flags.get("target_schema") or "public",
             "reenable_drift_tracking": bool(flags.get("reenable_drift_tracking")),
+            "keep_deleted": bool(flags.get("keep_deleted")),
+            "recompute": bool(flags.get("recompute")),
             # Fixed at plan time so every chunk of a run applies the same rule.
             "valid_from_hour": (int((EARLIEST_VALID - EPOCH).total_seconds()) // 3600),
             "valid_until_hour": int((valid_until - EPOCH).total_seconds()) // 3600,
@@ -190,6 +229,8 @@ class Modmon(Migration):
         for deployment, _, rows in self._hourly(selection):
             totals[deployment] = totals.get(deployment, 0) + rows
         known = {row[0] for row in self.source.query(sql.SQL("SELECT id FROM {}").format(self._deployments))}
+        if not self.options.get("keep_deleted"):
+            known |= set(self._bucketed_deployments(selection))  # gone from the source, buckets left to delete
         if selection.partitions is not None:
             unknown = sorted(set(selection.partitions) - known - set(totals))
             if unknown:
@@ -204,28 +245,58 @@ class Modmon(Migration):
         by_deployment: dict[str, list[tuple[int, int]]] = {}
         for deployment, hour, rows in self._hourly(selection):
             by_deployment.setdefault(deployment, []).append((hour, rows))
+        since, until = _window_hours(selection)
+        if not self.options.get("keep_deleted"):
+            for deployment in self._bucketed_deployments(selection):
+                by_deployment.setdefault(deployment, [])
         for deployment in sorted(by_deployment):
-            for lo, hi, rows in cut_hours(by_deployment[deployment], chunk_rows):
-                yield ChunkSpec(ENTITY, deployment, hour_label(lo), hour_label(hi), rows)
+            cuts = list(cut_hours(by_deployment[deployment], chunk_rows)) or [(since, until, 0)]
+            for lo, hi, rows in span_ranges(cuts, since, until):
+                yield ChunkSpec(ENTITY, deployment, _label(lo), _label(hi), rows)
+
+    def _bucketed_deployments(self, selection: Selection) -> list[str]:
+        """Deployments with buckets in the target (in the selection's window): those whose source rows
+        are all gone still get a chunk, which deletes their buckets. One pass over the hourly tables (a row
+        per bucket, not per prediction), only when chunks may delete."""
+        names = [self.tables[n].name for n in (PREDICTION_STATS.name, FEATURE_DRIFT.name)]
+        if not all(self._target_query(sql.SQL("SELECT to_regclass(%s) IS NOT NULL"), [n])[0][0] for n in names):
+            return []
+        conditions, params = _window_conditions("hour", selection)
+        if selection.partitions is not None:
+            conditions.append(sql.SQL("deployment_id = ANY(%s)"))
+            params.append(list(selection.partitions))
+        where = sql.SQL(" AND ").join(conditions)
+        query = sql.SQL("SELECT deployment_id FROM {} WHERE {} UNION SELECT deployment_id FROM {} WHERE {}").format(
+            identifier(names[0]), where, identifier(names[1]), where)
+        return sorted(d for (d,) in self._target_query(query, params * 2))
 
     def prepare_target(self) -> None:
+        # A state table recorded before the target fingerprint existed gains the column (NULL: never skips).
+        # Looked up first: ALTER TABLE locks the table out even when the column is there already.
+        state = self.tables[CHUNK_STATE.name].name
+        lacking = self._target_query(sql.SQL(
+            "SELECT to_regclass(%s) IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid ="
+            " to_regclass(%s) AND attname = 'target_fingerprint' AND NOT attisdropped)"), [state, state])[0][0]
+        if lacking:
+            self.sink.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS target_fingerprint text").format(
+                identifier(state)))
         for spec in self.tables.values():
             self.sink.ensure_table(spec)
 
     # -- one chunk ---------------------------------------------------------------------------------
 
     def run_chunk(self, spec: ChunkSpec, progress: ProgressCallback) -> ChunkOutcome:
-        lo, hi = hour_start(hour_number(spec.lo)), hour_start(hour_number(spec.hi))
+        lo, hi = chunk_hours(spec)
         fingerprint = self._fingerprint(spec.partition, lo, hi)
-        unchanged = self._unchanged_outcome(spec, fingerprint, lo, hi)
+        unchanged = None if self.options.get("recompute") else self._unchanged_outcome(spec, fingerprint, lo, hi)
         if unchanged is not None:
             progress(unchanged.rows_read)
             return unchanged
         query = sql.SQL(
             "SELECT id, model_id, floor(extract(epoch FROM ts) / 3600)::int8, prediction, actual,"
-            " association_id IS NOT NULL, features FROM {} WHERE deployment_id = {} AND ts >= {} AND ts < {}"
+            " association_id IS NOT NULL, features FROM {} WHERE deployment_id = {} AND {}"
             " ORDER BY ts, id"  # a fixed order makes floating-point sums identical on every re-run
-        ).format(self._predictions, sql.Literal(spec.partition), sql.Literal(lo), sql.Literal(hi))
+        ).format(self._predictions, sql.Literal(spec.partition), _in_range("ts", lo, hi))
         rows = self.source.stream(query, ["int8", "text", "int8", "float8", "float8", "bool", "text"])
         outcome = ChunkOutcome()
         predictions, features = self._aggregate(rows, outcome, progress)
@@ -236,43 +307,67 @@ class Modmon(Migration):
         for (model, feature, hour), stats in sorted(features.items()):
             row = stats.as_row()
             feature_rows.append((deployment, model, feature, hour_start(hour), *row[:9], Jsonb(row[9]), row[10]))
-        state = (spec.chunk_key, fingerprint, outcome.rows_read, len(prediction_rows), len(feature_rows),
-                 Jsonb([[r.key, r.reason, r.raw] for r in outcome.rejects]))
-        written = self.sink.upsert_together([
-            (self.tables[PREDICTION_STATS.name], prediction_rows),
-            (self.tables[FEATURE_DRIFT.name], feature_rows),
-            (self.tables[CHUNK_STATE.name], [state]),
-        ])
+        buckets = {name: self._buckets(spec.partition, lo, hi) for name in (PREDICTION_STATS.name, FEATURE_DRIFT.name)}
+        owned = {} if self.options.get("keep_deleted") else {self.tables[n].name: c for n, c in buckets.items()}
+        state = sql.SQL(
+            "INSERT INTO {state} AS s (chunk_key, source_fingerprint, rows_read, prediction_rows, feature_rows,"
+            " rejects, target_fingerprint) VALUES (%s, %s, %s, %s, %s, %s, ({target}))"
+            " ON CONFLICT (chunk_key) DO UPDATE SET source_fingerprint = EXCLUDED.source_fingerprint,"
+            " rows_read = EXCLUDED.rows_read, prediction_rows = EXCLUDED.prediction_rows,"
+            " feature_rows = EXCLUDED.feature_rows, rejects = EXCLUDED.rejects,"
+            " target_fingerprint = EXCLUDED.target_fingerprint"
+        ).format(state=identifier(self.tables[CHUNK_STATE.name].name), target=self._target_fingerprint_sql(buckets))
+        written = self.sink.upsert_together(
+            [(self.tables[PREDICTION_STATS.name], prediction_rows), (self.tables[FEATURE_DRIFT.name], feature_rows)],
+            owned=owned,
+            then=[(state, [spec.chunk_key, fingerprint, outcome.rows_read, len(prediction_rows), len(feature_rows),
+                           Jsonb([[r.key, r.reason, r.raw] for r in outcome.rejects])])])
         # Reported under the entity's own name, whatever schema the run writes into.
         outcome.writes = {name: written[self.tables[name].name] for name in (PREDICTION_STATS.name, FEATURE_DRIFT.name)}
         return outcome
 
-    def _fingerprint(self, deployment: str, lo: datetime, hi: datetime) -> str:
-        """Count and content hash of the chunk's source rows, plus how many fall outside the valid
-        range by this run's rule: equal fingerprints mean an equal result. Computed in the database."""
-        query = sql.SQL(
-            "SELECT count(*), coalesce(sum(hashtextextended(concat_ws('|', id, model_id, extract(epoch FROM ts),"
-            " prediction, actual, association_id, features), 0)::numeric), 0),"
-            " count(*) FILTER (WHERE ts < %s OR ts >= %s) FROM {} WHERE deployment_id = %s AND ts >= %s AND ts < %s"
-        ).format(self._predictions)
-        valid = hour_start(self.options["valid_from_hour"]), hour_start(self.options["valid_until_hour"])
-        count, content, out_of_range = self.source.query(query, [*valid, deployment, lo, hi])[0]
-        return f"{count}:{content}:{out_of_range}"
+    @staticmethod
+    def _buckets(deployment: str, lo: datetime | None, hi: datetime | None) -> sql.Composable:
+        """The target rows a chunk owns: its deployment's buckets in its hours."""
+        return sql.SQL("deployment_id = {} AND {}").format(sql.Literal(deployment), _in_range("hour", lo, hi))
 
-    def _unchanged_outcome(self, spec: ChunkSpec, fingerprint: str, lo: datetime, hi: datetime) -> ChunkOutcome | None:
+    def _target_fingerprint_sql(self, buckets: dict[str, sql.Composable]) -> sql.Composable:
+        """A scalar subquery: count and content hash of the chunk's buckets in both tables (a few hundred
+        rows, read through the primary key), so a bucket edited, added or removed by hand is noticed."""
+        parts = [sql.SQL("(SELECT count(*) || ':' || coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)"
+                         " FROM {} t WHERE {})").format(identifier(self.tables[name].name), condition)
+                 for name, condition in buckets.items()]
+        return sql.SQL("SELECT {} || '/' || {}").format(*parts)
+
+    def _fingerprint(self, deployment: str, lo: datetime | None, hi: datetime | None) -> str:
+        """Count and content hash of the chunk's source rows, plus how many fall outside the valid range
+        by this run's rule: equal fingerprints mean an equal result. Computed in the database.
+
+        Each row is hashed as its row text over every column the chunk reads, where NULL and an empty
+        string differ (`concat_ws` would skip a NULL, so moving a value between columns went unseen)."""
+        query = sql.SQL(
+            "SELECT count(*), coalesce(sum(hashtextextended(row(id, model_id, ts, prediction, actual,"
+            " association_id, features)::text, 0)::numeric), 0),"
+            " count(*) FILTER (WHERE ts < %s OR ts >= %s) FROM {} WHERE deployment_id = %s AND {}"
+        ).format(self._predictions, _in_range("ts", lo, hi))
+        valid = hour_start(self.options["valid_from_hour"]), hour_start(self.options["valid_until_hour"])
+        count, content, out_of_range = self.source.query(query, [*valid, deployment])[0]
+        # What a chunk writes depends on --keep-deleted too: a chunk run with it never matches one run without.
+        rule = "keep" if self.options.get("keep_deleted") else "own"
+        return f"{FINGERPRINT_VERSION}:{rule}:{count}:{content}:{out_of_range}"
+
+    def _unchanged_outcome(self, spec: ChunkSpec, fingerprint: str, lo: datetime | None,
+                           hi: datetime | None) -> ChunkOutcome | None:
         """The recorded outcome when the source range and the target buckets are as last written."""
         state = self.tables[CHUNK_STATE.name].name
+        buckets = {name: self._buckets(spec.partition, lo, hi) for name in (PREDICTION_STATS.name, FEATURE_DRIFT.name)}
         recorded = self._target_query(sql.SQL(
             "SELECT rows_read, prediction_rows, feature_rows, rejects FROM {} WHERE chunk_key = %s"
-            " AND source_fingerprint = %s").format(identifier(state)), [spec.chunk_key, fingerprint])
+            " AND source_fingerprint = %s AND target_fingerprint = ({})").format(
+                identifier(state), self._target_fingerprint_sql(buckets)), [spec.chunk_key, fingerprint])
         if not recorded:
             return None
         rows_read, prediction_rows, feature_rows, rejects = recorded[0]
-        count = sql.SQL("SELECT count(*) FROM {} WHERE deployment_id = %s AND hour >= %s AND hour < %s")
-        present = [self._target_query(count.format(identifier(self.tables[name].name)), [spec.partition, lo, hi])[0][0]
-                   for name in (PREDICTION_STATS.name, FEATURE_DRIFT.name)]
-        if present != [prediction_rows, feature_rows]:
-            return None
         return ChunkOutcome(
             rows_read=rows_read, rejects=[Reject(ENTITY, key, reason, raw) for key, reason, raw in rejects],
             writes={PREDICTION_STATS.name: WriteCounts(unchanged=prediction_rows),
@@ -348,7 +443,8 @@ class Modmon(Migration):
         for deployment in partitions:
             src, dst, rej = source.get(deployment, 0), target.get(deployment, 0), rejected.get(deployment, 0)
             ok = src == dst + rej
-            detail = "" if ok else f"{src - dst - rej:+d} archived rows are neither in hourly buckets nor rejects"
+            detail = "" if ok else f"{src - dst - rej} archived rows are neither in hourly buckets nor rejects" \
+                if src > dst + rej else f"hourly buckets count {dst + rej - src} rows more than are archived"
             checks.append(Check(ENTITY, deployment, ok, src, dst, rej, detail))
         return checks
 
@@ -416,6 +512,11 @@ class Modmon(Migration):
     def close(self) -> None:
         self.source.close()
         self.sink.close()
+
+
+def _label(hour: int | None) -> str:
+    """An hour's chunk label; an open end is the empty label."""
+    return "" if hour is None else hour_label(hour)
 
 
 def _in_schema(spec: TableSpec, schema: str) -> TableSpec:

@@ -466,10 +466,8 @@ def bench_profile(args: argparse.Namespace, settings: Settings) -> None:
     # A bare COPY of the same rows with no per-row Python, and the chunk query's plan.
     query = sql.SQL(
         "SELECT id, model_id, floor(extract(epoch FROM ts) / 3600)::int8, prediction, actual,"
-        " association_id IS NOT NULL, features FROM archived_predictions WHERE deployment_id = {} AND ts >= {}"
-        " AND ts < {} ORDER BY ts, id").format(sql.Literal(spec.partition),
-                                                sql.Literal(modmon.hour_start(modmon.hour_number(spec.lo))),
-                                                sql.Literal(modmon.hour_start(modmon.hour_number(spec.hi))))
+        " association_id IS NOT NULL, features FROM archived_predictions WHERE deployment_id = {} AND {}"
+        " ORDER BY ts, id").format(sql.Literal(spec.partition), modmon._in_range("ts", *modmon.chunk_hours(spec)))
     with db(args.url) as conn:
         t = time.perf_counter()
         with conn.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(query)) as copy:

@@ -59,7 +59,7 @@ def test_rebuild_of_an_emptied_table_equals_mlflow_s_own(e2e, logged):
     assert report["chunks"]["total"] > len(data.experiments)
     assert report["totals"]["rows_read"] == report["totals"]["source_rows"] == data.metric_rows
     assert report["totals"]["targets"]["latest_metrics"] == {
-        "inserted": data.pairs, "updated": 0, "unchanged": 0, "target_rows": data.pairs}
+        "inserted": data.pairs, "updated": 0, "unchanged": 0, "deleted": 0, "target_rows": data.pairs}
     # every experiment, MLflow's "Default" (0) and one without runs included
     assert {c["partition"] for c in report["checks"]} == {"0", *data.experiments, data.empty_experiment}
     assert all(c["ok"] for c in report["checks"])

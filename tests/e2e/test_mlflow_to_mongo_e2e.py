@@ -7,6 +7,7 @@ import json
 import os
 import signal
 
+import psycopg
 import pymongo
 import pytest
 import redis
@@ -212,3 +213,33 @@ def test_mongodb_restart_mid_run_then_resume(m2m, baseline):
     code, report = m2m.run_json("resume", run_id)
     assert code == 0 and report["verdict"] == "clean", report["verdict_reason"]
     _assert_complete_like_baseline(m2m, "restarted")
+
+
+def test_rows_deleted_from_the_source_are_deleted_from_mongodb(m2m, baseline):
+    """A source of its own (the session's is shared): migrated, rows deleted, --keep-deleted keeps their
+    documents (verify says they are extra), a plain run deletes them and counts them."""
+    from tests.integration.test_mlflow_to_mongo_deletes import SCHEMA
+
+    name = f"shuttle_m2m_{PID}_deletes_src"
+    source = create_db(name)
+    try:
+        with psycopg.connect(source) as conn:
+            conn.execute(SCHEMA)
+        args = ("run", "mlflow-to-mongo", "--postgres-uri", source, "--mongodb-uri", target(m2m, "deletes"),
+                "--chunk-rows", "150")
+        code, report = m2m.run_json(*args)
+        assert code == 0, report["verdict_reason"]
+        with psycopg.connect(source) as conn:
+            conn.execute("DELETE FROM metrics WHERE key = 'acc' AND step BETWEEN 5 AND 9")
+            conn.execute("DELETE FROM metrics WHERE run_uuid IN (SELECT run_uuid FROM runs WHERE experiment_id = 3)")
+            left = conn.execute("SELECT count(*) FROM metrics").fetchone()[0]
+        gone = db(m2m, "deletes")["metrics"].count_documents({}) - left
+        code, report = m2m.run_json(*args, "--keep-deleted")
+        assert code == 1 and report["totals"]["rows_deleted"] == 0
+        assert "extra documents, not in the source" in report["verdict_reason"]
+        code, report = m2m.run_json(*args)
+        assert code == 0 and report["verdict"] == "clean", report["verdict_reason"]
+        assert report["totals"]["rows_deleted"] == gone > 0
+        assert db(m2m, "deletes")["metrics"].count_documents({}) == left
+    finally:
+        drop_db(name)

@@ -76,7 +76,7 @@ def run_all(url: str, selection: Selection = Selection(), target_url: str | None
 
 
 def written(outcomes) -> dict[str, int]:
-    counts = {"inserted": 0, "updated": 0, "unchanged": 0}
+    counts = {"inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0}
     for outcome in outcomes:
         for k, v in outcome.writes["latest_metrics"].as_dict().items():
             counts[k] += v
@@ -89,7 +89,7 @@ def test_rebuild_of_an_emptied_table_equals_what_mlflow_maintained(mlflow_db):
     migration, chunks, outcomes = run_all(url)
     assert table(url) == saved and len(saved) == data.pairs
     assert sum(o.rows_read for o in outcomes) == data.metric_rows
-    assert written(outcomes) == {"inserted": data.pairs, "updated": 0, "unchanged": 0}
+    assert written(outcomes) == {"inserted": data.pairs, "updated": 0, "unchanged": 0, "deleted": 0}
     assert len(chunks) > len(data.experiments)
     checks = migration.verify(Selection(), [*data.experiments, data.empty_experiment], {})
     assert all(c.ok for c in checks) and sum(c.target_rows for c in checks) == data.pairs
@@ -113,8 +113,9 @@ def test_chunks_are_run_ranges_inside_one_experiment_and_never_split_a_run(mlflo
     per_run = dict(sql(url, "SELECT run_uuid, count(*) FROM metrics GROUP BY 1"))
     covered: dict[str, str] = {}
     for spec in chunks:
-        runs = sorted((r for r in data.runs[spec.partition] if spec.lo <= r <= spec.hi))
-        assert runs[0] == spec.lo and runs[-1] == spec.hi
+        # half-open [lo, hi) in byte order, the experiment's first and last open-ended ("")
+        runs = sorted((r for r in data.runs[spec.partition] if spec.lo <= r and (not spec.hi or r < spec.hi)))
+        assert spec.lo in ("", runs[0]) and (spec.hi == "" or spec.hi > runs[-1])
         assert spec.est_rows == sum(per_run[r] for r in runs)
         assert spec.est_rows <= CHUNK_ROWS or len(runs) == 1
         for run in runs:
@@ -127,7 +128,7 @@ def test_chunks_are_run_ranges_inside_one_experiment_and_never_split_a_run(mlflo
 def test_rerun_changes_nothing(mlflow_db):
     url, data, saved = mlflow_db
     _, _, outcomes = run_all(url)
-    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": data.pairs}
+    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": data.pairs, "deleted": 0}
     assert table(url) == saved
 
 
@@ -137,7 +138,7 @@ def test_full_rebuild_repairs_wrong_and_missing_rows(mlflow_db):
     sql(url, "DELETE FROM latest_metrics WHERE key = 'edge/nan_vs_neg'")
     wrong = missing = sum(len(runs) for runs in data.runs.values())
     _, _, outcomes = run_all(url)
-    assert written(outcomes) == {"inserted": missing, "updated": wrong, "unchanged": data.pairs - wrong - missing}
+    assert written(outcomes) == {"inserted": missing, "updated": wrong, "unchanged": data.pairs - wrong - missing, "deleted": 0}
     assert table(url) == saved
 
 
@@ -147,7 +148,7 @@ def test_only_missing_fills_absent_pairs_and_leaves_the_rest_alone(mlflow_db):
     sql(url, "DELETE FROM latest_metrics WHERE key IN ('accuracy', 'edge/nan_last')")
     deleted = 2 * sum(len(runs) for runs in data.runs.values())
     _, _, outcomes = run_all(url, only_missing=True)
-    assert written(outcomes) == {"inserted": deleted, "updated": 0, "unchanged": data.pairs - deleted}
+    assert written(outcomes) == {"inserted": deleted, "updated": 0, "unchanged": data.pairs - deleted, "deleted": 0}
     after = table(url)
     assert [r for r in after if r[0] != "loss"] == [r for r in saved if r[0] != "loss"]
     assert {r[1] for r in after if r[0] == "loss"} == {-1}
@@ -193,9 +194,9 @@ def test_into_another_database_gives_the_same_table(mlflow_db, other_mlflow_db):
     assert not migration.in_place
     assert table(other_mlflow_db) == saved
     assert sum(o.rows_read for o in outcomes) == data.metric_rows
-    assert written(outcomes) == {"inserted": data.pairs, "updated": 0, "unchanged": 0}
+    assert written(outcomes) == {"inserted": data.pairs, "updated": 0, "unchanged": 0, "deleted": 0}
     _, _, outcomes = run_all(url, target_url=other_mlflow_db)
-    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": data.pairs}
+    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": data.pairs, "deleted": 0}
 
 
 def fail_after(url: str, rows: int) -> None:
@@ -234,3 +235,53 @@ def test_target_without_mlflow_schema_is_refused(mlflow_db, fresh_db):
     with pytest.raises(ConfigError, match="has no table latest_metrics; point --target-url at an MLflow database"):
         migration.prepare_target()
     migration.close()
+
+
+def test_pairs_with_no_metrics_left_are_deleted_unless_kept(mlflow_db):
+    """A key gone from a run, a run with no metrics left, an experiment with none left: their rows go."""
+    url, data, saved = mlflow_db
+    a, b = data.experiments[0], data.experiments[1]
+    run, emptied_run = data.runs[a][0], data.runs[a][1]
+    sql(url, "DELETE FROM metrics WHERE run_uuid = %s AND key = 'lr'", (run,))
+    sql(url, "DELETE FROM metrics WHERE run_uuid = %s OR run_uuid = ANY(%s)", (emptied_run, list(data.runs[b])))
+    _, _, kept = run_all(url, keep_deleted=True)
+    assert written(kept)["deleted"] == 0 and table(url) == saved
+    gone_runs = {emptied_run, *data.runs[b]}
+    expected = [r for r in saved if r[5] not in gone_runs and (r[5], r[0]) != (run, "lr")]
+    migration, chunks, outcomes = run_all(url)
+    assert table(url) == expected
+    deleted = len(saved) - len(expected)
+    assert written(outcomes) == {"inserted": 0, "updated": 0, "unchanged": len(expected), "deleted": deleted}
+    assert [(c.lo, c.hi) for c in chunks if c.partition == b] == [("", "")]  # planned from the target alone
+    checks = migration.verify(Selection(), [*data.experiments, data.empty_experiment], {})
+    assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+    _, _, again = run_all(url)
+    assert written(again)["deleted"] == 0 and written(again)["unchanged"] == len(expected)
+    migration.close()
+
+
+def test_pairs_of_a_run_deleted_from_another_source_database_are_deleted(mlflow_db, other_mlflow_db):
+    url, data, saved = mlflow_db
+    run_all(url, target_url=other_mlflow_db)
+    gone = data.runs[data.experiments[2]][-1]
+    for child in ("latest_metrics", "metrics", "params", "tags"):
+        sql(url, f"DELETE FROM {child} WHERE run_uuid = %s", (gone,))
+    sql(url, "DELETE FROM runs WHERE run_uuid = %s", (gone,))
+    _, _, outcomes = run_all(url, target_url=other_mlflow_db)
+    assert table(other_mlflow_db) == [r for r in saved if r[5] != gone]
+    assert written(outcomes)["deleted"] == sum(1 for r in saved if r[5] == gone) > 0
+
+
+@pytest.mark.parametrize("where", ["in place", "another database"])
+def test_a_row_wrong_only_in_is_nan_is_repaired(mlflow_db, other_mlflow_db, where):
+    """is_nan true on a logged 5.0, false on a NaN: both repaired and counted updated; the tie is kept."""
+    url, data, saved = mlflow_db
+    target = url if where == "in place" else other_mlflow_db
+    if target != url:
+        run_all(url, target_url=target)
+    sql(target, "UPDATE latest_metrics SET is_nan = true WHERE key = 'loss'")
+    sql(target, "UPDATE latest_metrics SET is_nan = false WHERE key = 'edge/nan_last'")
+    wrong = 2 * sum(len(runs) for runs in data.runs.values())
+    _, _, outcomes = run_all(url, target_url=target)
+    assert written(outcomes) == {"inserted": 0, "updated": wrong, "unchanged": data.pairs - wrong, "deleted": 0}
+    assert table(target) == saved

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from common.migrations.base import Selection
-from common.migrations.modmon import Modmon
+from common.migrations.modmon import Modmon, chunk_hours
 from common.migrations.modmon_fixtures import MALFORMED, build_source
 
 
@@ -114,11 +114,11 @@ def test_rerun_recomputes_exactly_the_chunks_whose_source_or_target_changed(migr
     with psycopg.connect(url) as conn:
         row_id, hour = conn.execute(
             "UPDATE archived_predictions SET prediction = prediction + 0.5 WHERE id = (SELECT min(id) FROM"
-            " archived_predictions WHERE deployment_id = %s AND ts >= %s AND ts < %s AND prediction IS NOT NULL)"
+            f" archived_predictions WHERE deployment_id = %s AND {IN_RANGE.format('ts')} AND prediction IS NOT NULL)"
             " RETURNING id, date_trunc('hour', ts)",
-            (changed.partition, _at(changed.lo), _at(changed.hi))).fetchone()
-        conn.execute("DELETE FROM stats.feature_drift_hourly WHERE deployment_id = %s AND hour >= %s AND hour < %s",
-                     (emptied.partition, _at(emptied.lo), _at(emptied.hi)))
+            (changed.partition, *_at(changed))).fetchone()
+        conn.execute(f"DELETE FROM stats.feature_drift_hourly WHERE deployment_id = %s AND {IN_RANGE.format('hour')}",
+                     (emptied.partition, *_at(emptied)))
     third = [migration.run_chunk(spec, lambda rows: None) for spec in chunks]
     written = {spec.chunk_key: o.writes for spec, o in zip(chunks, third) if o.totals().written}
     assert set(written) == {changed.chunk_key, emptied.chunk_key}
@@ -141,7 +141,11 @@ def test_full_recompute_without_recorded_state_is_still_idempotent(migrated):
     assert sum(o.totals().written for o in again) == 0 and sum(o.totals().unchanged for o in again) > 0
 
 
-def _at(label: str):
-    from common.migrations.modmon import hour_number, hour_start
+# A chunk's [lo, hi) with open ends: pass the bounds of `_at` twice each.
+IN_RANGE = "(%s::timestamptz IS NULL OR {0} >= %s) AND (%s::timestamptz IS NULL OR {0} < %s)"
 
-    return hour_start(hour_number(label))
+
+def _at(spec) -> tuple:
+    """The parameters of IN_RANGE for a chunk (None for an open end)."""
+    lo, hi = chunk_hours(spec)
+    return lo, lo, hi, hi

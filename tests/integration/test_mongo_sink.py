@@ -17,7 +17,6 @@ from common.connectors import open_sink
 from common.connectors.base import Column, TableSpec
 from common.connectors.mongo import MIN_BATCH, Index, Sink
 from common.errors import ServiceUnavailable, TransientError
-from common.model import WriteCounts
 from common.urls import mask
 from tests.mongo_server import mongomock_client
 
@@ -29,11 +28,12 @@ class SinkContract:
         docs = [{"_id": i, "run_uuid": f"r{i % 7}", "ts": Int64(1_700_000_000_000 + i), "step": i,
                  "tags": {"a": i}} for i in range(2_500)]
         first = sink.upsert_documents("metrics", docs)
-        assert first.counts == WriteCounts(inserted=2_500, updated=0, unchanged=0) and not first.rejects
+        assert first.counts.as_dict() == {"inserted": 2_500, "updated": 0, "unchanged": 0, "deleted": 0} and not first.rejects
         again = sink.upsert_documents("metrics", docs)
-        assert again.counts == WriteCounts(inserted=0, updated=0, unchanged=2_500)
+        assert again.counts.as_dict() == {"inserted": 0, "updated": 0, "unchanged": 2_500, "deleted": 0}
         changed = [dict(docs[0], step=-1), {"_id": 99_999, "step": 0}]
-        assert sink.upsert_documents("metrics", changed).counts == WriteCounts(inserted=1, updated=1, unchanged=0)
+        assert sink.upsert_documents("metrics", changed).counts.as_dict() == \
+            {"inserted": 1, "updated": 1, "unchanged": 0, "deleted": 0}
         assert sink.count("metrics") == 2_501
         stored = sink.find("metrics", {"_id": 3})[0]
         assert stored == docs[3] and isinstance(stored["ts"], int) and stored["ts"] == 1_700_000_000_003
@@ -72,7 +72,7 @@ class SinkContract:
                                        key=("name", "version"))
         assert len(result.rejects) == 1 and "refused" in result.rejects[0].reason
         assert result.rejects[0].key == '["m", "1"]'  # the key's values, whatever `_id` is made of
-        assert result.counts == WriteCounts(inserted=0, updated=0, unchanged=0)
+        assert result.counts.as_dict() == {"inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0}
         assert sink.count("model_versions") == 1
 
     def test_a_fresh_load_inserts_without_reading_and_a_rerun_reads_first(self, sink, monkeypatch):
@@ -91,19 +91,20 @@ class SinkContract:
         monkeypatch.setattr(sink, "_bulk", spy_bulk)
         monkeypatch.setattr(sink, "_existing", spy_read)
         docs = [{"_id": i, "v": i} for i in range(2_000)]
-        assert sink.upsert_documents("t", docs[:1_500]).counts == WriteCounts(inserted=1_500, updated=0, unchanged=0)
+        assert sink.upsert_documents("t", docs[:1_500]).counts.as_dict() == \
+            {"inserted": 1_500, "updated": 0, "unchanged": 0, "deleted": 0}
         assert [set(batch) for batch in sent] == [{InsertOne}, {InsertOne}] and reads == []
         sent.clear()
         # A re-run: the first batch's inserts collide, so it reads them back (identical: unchanged) ...
         again = sink.upsert_documents("t", [dict(docs[0], v=-1), *docs[1:1_000]])
-        assert again.counts == WriteCounts(inserted=0, updated=1, unchanged=999)
+        assert again.counts.as_dict() == {"inserted": 0, "updated": 1, "unchanged": 999, "deleted": 0}
         assert sent == [[InsertOne] * 1_000, [ReplaceOne]] and reads == [1_000]
         sent.clear()
         reads.clear()
         # ... and the next batch reads first: only the absent are inserted, only the changed replaced.
         result = sink.upsert_documents("t", [dict(docs[1], v=-1), docs[2], docs[1_999]])
         assert reads == [3] and sent == [[InsertOne, ReplaceOne]]
-        assert result.counts == WriteCounts(inserted=1, updated=1, unchanged=1)
+        assert result.counts.as_dict() == {"inserted": 1, "updated": 1, "unchanged": 1, "deleted": 0}
         assert sink.find("t", {"_id": 0}) == [{"_id": 0, "v": -1}] and sink.count("t") == 1_501
 
     def test_a_document_written_between_the_read_and_the_write_is_replaced_not_refused(self, sink, monkeypatch):
@@ -125,7 +126,7 @@ class SinkContract:
         monkeypatch.setattr(sink, "_existing", read_then_someone_writes)
         result = sink.upsert_documents("t", docs[:1_000])
         assert not result.rejects
-        assert result.counts == WriteCounts(inserted=997, updated=2, unchanged=1)
+        assert result.counts.as_dict() == {"inserted": 997, "updated": 2, "unchanged": 1, "deleted": 0}
         assert sink.count("t") == 1_200
         assert sink.find("t", {"_id": 6}) == [{"_id": 6, "v": 6}] and sink.find("t", {"_id": 7}) == [{"_id": 7, "v": 7}]
 
@@ -140,8 +141,8 @@ class SinkContract:
     def test_table_shaped_upsert_keys_documents_on_the_table_key(self, sink):
         table = TableSpec("kv", (Column("k", "text"), Column("n", "int8")), key=("k",))
         sink.ensure_table(table)
-        assert sink.upsert(table, [("a", 1), ("b", 2)]) == WriteCounts(inserted=2, updated=0, unchanged=0)
-        assert sink.upsert(table, [("a", 1), ("b", 3)]) == WriteCounts(inserted=0, updated=1, unchanged=1)
+        assert sink.upsert(table, [("a", 1), ("b", 2)]).as_dict() == {"inserted": 2, "updated": 0, "unchanged": 0, "deleted": 0}
+        assert sink.upsert(table, [("a", 1), ("b", 3)]).as_dict() == {"inserted": 0, "updated": 1, "unchanged": 1, "deleted": 0}
         assert sink.find("kv", {"_id": "b"}) == [{"_id": "b", "k": "b", "n": 3}]
 
     def test_batches_are_at_least_a_thousand(self, sink):

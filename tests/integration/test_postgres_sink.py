@@ -5,7 +5,6 @@ import pytest
 from common.connectors.base import Column, TableSpec
 from common.connectors.postgres import Sink, Source, identifier
 from common.errors import ConfigError
-from common.model import WriteCounts
 
 TABLE = TableSpec("metrics_t", (Column("k", "text"), Column("n", "int8"), Column("h", "int8[]"),
                                 Column("j", "jsonb")), key=("k",))
@@ -18,10 +17,10 @@ def test_upsert_is_idempotent_and_counts_what_changed(fresh_db):
     sink.ensure_table(TABLE)
     sink.ensure_table(TABLE)
     rows = [("a", 1, [1, 2], Jsonb({"x": 1})), ("b", 2, [3], Jsonb([["c", 1]]))]
-    assert sink.upsert(TABLE, rows) == WriteCounts(inserted=2, updated=0, unchanged=0)
-    assert sink.upsert(TABLE, rows) == WriteCounts(inserted=0, updated=0, unchanged=2)
+    assert sink.upsert(TABLE, rows).as_dict() == {"inserted": 2, "updated": 0, "unchanged": 0, "deleted": 0}
+    assert sink.upsert(TABLE, rows).as_dict() == {"inserted": 0, "updated": 0, "unchanged": 2, "deleted": 0}
     changed = [("a", 1, [1, 2], Jsonb({"x": 2})), ("c", 3, [], Jsonb({}))]
-    assert sink.upsert(TABLE, changed) == WriteCounts(inserted=1, updated=1, unchanged=0)
+    assert sink.upsert(TABLE, changed).as_dict() == {"inserted": 1, "updated": 1, "unchanged": 0, "deleted": 0}
     got = sink.connection().execute("SELECT k, n, h, j FROM metrics_t ORDER BY k").fetchall()
     assert got == [("a", 1, [1, 2], {"x": 2}), ("b", 2, [3], [["c", 1]]), ("c", 3, [], {})]
     sink.close()
@@ -72,11 +71,11 @@ def test_existing_varchar_columns_with_a_length_are_accepted_but_other_types_are
 def test_insert_missing_leaves_existing_rows_alone_and_counts_them_unchanged(fresh_db):
     sink = Sink(fresh_db)
     sink.ensure_table(MLFLOW_LIKE)
-    assert sink.upsert(MLFLOW_LIKE, [("a", 1.0, "r1")]) == WriteCounts(inserted=1, updated=0, unchanged=0)
+    assert sink.upsert(MLFLOW_LIKE, [("a", 1.0, "r1")]).as_dict() == {"inserted": 1, "updated": 0, "unchanged": 0, "deleted": 0}
     counts = sink.insert_missing(MLFLOW_LIKE, [("a", 9.0, "r1"), ("b", 2.0, "r1")])
-    assert counts == WriteCounts(inserted=1, updated=0, unchanged=1)
+    assert counts.as_dict() == {"inserted": 1, "updated": 0, "unchanged": 1, "deleted": 0}
     assert sink.connection().execute("SELECT key, value FROM latest_t ORDER BY key").fetchall() == [("a", 1.0), ("b", 2.0)]
-    assert sink.insert_missing(MLFLOW_LIKE, []) == WriteCounts(inserted=0, updated=0, unchanged=0)
+    assert sink.insert_missing(MLFLOW_LIKE, []).as_dict() == {"inserted": 0, "updated": 0, "unchanged": 0, "deleted": 0}
     sink.close()
 
 
@@ -86,9 +85,27 @@ def test_rewrite_when_keeps_a_row_that_differs_only_in_other_columns(fresh_db):
     sink.ensure_table(table)
     sink.upsert(table, [("a", 0.0, True), ("b", 1.0, False)])
     counts = sink.upsert(table, [("a", 0.0, False), ("b", 2.0, False)], rewrite_when=("v",))
-    assert counts == WriteCounts(inserted=0, updated=1, unchanged=1)
+    assert counts.as_dict() == {"inserted": 0, "updated": 1, "unchanged": 1, "deleted": 0}
     assert sink.connection().execute("SELECT k, v, flag FROM tie_t ORDER BY k").fetchall() == \
         [("a", 0.0, True), ("b", 2.0, False)]
     with pytest.raises(ConfigError, match="must name non-key columns"):
         sink.upsert(table, [("a", 0.0, True)], rewrite_when=("k",))
+    sink.close()
+
+
+def test_owned_rows_the_write_does_not_hold_are_deleted_and_counted(fresh_db):
+    """`owned` scopes the delete: stale keys inside it go (one anti-join), rows outside it stay."""
+    from psycopg import sql
+
+    sink = Sink(fresh_db)
+    table = TableSpec("owned_t", (Column("g", "text"), Column("k", "int8"), Column("v", "int8")), key=("g", "k"))
+    sink.ensure_table(table)
+    sink.upsert(table, [("a", 1, 1), ("a", 2, 2), ("a", 3, 3), ("b", 1, 1)])
+    group_a = sql.SQL("g = {}").format(sql.Literal("a"))
+    counts = sink.upsert(table, [("a", 1, 1), ("a", 3, 30)], owned=group_a)
+    assert counts.as_dict() == {"inserted": 0, "updated": 1, "unchanged": 1, "deleted": 1}
+    counts, _ = sink.upsert_query(table, sql.SQL("SELECT 'a'::text AS g, 3::int8 AS k, 30::int8 AS v"), owned=group_a)
+    assert counts.as_dict() == {"inserted": 0, "updated": 0, "unchanged": 1, "deleted": 1}
+    assert sink.upsert_together([(table, [])], owned={table.name: group_a})[table.name].deleted == 1
+    assert sink.connection().execute("SELECT g, k, v FROM owned_t ORDER BY 1, 2").fetchall() == [("b", 1, 1)]
     sink.close()

@@ -3,7 +3,7 @@
 import pytest
 
 from common.errors import ConfigError
-from common.migrations.mlflow_latest_metrics import cut_runs, experiment_ids
+from common.migrations.mlflow_latest_metrics import contiguous, cut_runs, experiment_ids
 
 
 def test_runs_are_grouped_up_to_the_bound_and_a_big_run_stands_alone():
@@ -18,6 +18,12 @@ def test_no_runs_no_chunks_and_every_row_is_in_one_chunk():
     assert sum(rows for *_, rows in chunks) == sum(n for _, n in runs)
     assert all(rows <= 25 for *_, rows in chunks)
     assert [c[0] for c in chunks][1:] == [runs[[r for r, _ in runs].index(c[1]) + 1][0] for c in chunks[:-1]]
+
+
+def test_ranges_are_contiguous_and_open_ended_so_every_run_has_one_chunk():
+    cuts = list(cut_runs([("a", 40), ("b", 50), ("c", 30), ("d", 500)], 100))
+    assert list(contiguous(cuts)) == [("", "c", 90), ("c", "d", 30), ("d", "", 500)]
+    assert list(contiguous([("a", "f", 9)])) == [("", "", 9)]
 
 
 def test_experiment_ids_must_be_whole_numbers():

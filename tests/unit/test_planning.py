@@ -1,4 +1,4 @@
-from common.migrations.modmon import cut_hours, hour_label, hour_number
+from common.migrations.modmon import cut_hours, hour_label, hour_number, span_ranges
 from common.model import ChunkSpec
 from producer.cli import expand_multi_values
 
@@ -13,6 +13,12 @@ def test_cut_hours_bounds_chunks_and_never_splits_an_hour():
 def test_cut_hours_empty_and_single():
     assert list(cut_hours([], 10)) == []
     assert list(cut_hours([(5, 3)], 10)) == [(5, 6, 3)]
+
+
+def test_ranges_are_contiguous_so_an_hour_without_rows_still_has_a_chunk():
+    cuts = list(cut_hours([(10, 400), (11, 400), (12, 400), (14, 5000), (15, 100)], 1000))
+    assert list(span_ranges(cuts, None, None)) == [(None, 12, 800), (12, 14, 400), (14, 15, 5000), (15, None, 100)]
+    assert list(span_ranges(cuts[:1], 5, 20)) == [(5, 20, 800)]
 
 
 def test_hour_labels_round_trip():
