@@ -130,7 +130,14 @@ ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
 
 
 def add_missing_columns(conn: sa.Connection) -> None:
-    """Bring a ledger made by an earlier version up to date; a no-op on a current one."""
+    """Bring a ledger made by an earlier version up to date; a no-op on a current one.
+
+    The catalog is read first: `ALTER TABLE` takes an exclusive lock even when the column exists, and
+    every command's start would then stall (or deadlock with) the workers using the ledger."""
+    present = set(conn.execute(sa.text(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = :schema"),
+        {"schema": SCHEMA}).all())
     for table, columns in ADDED_COLUMNS.items():
         for column in columns:
-            conn.execute(sa.text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column}"))
+            if (table, column.split()[0]) not in present:
+                conn.execute(sa.text(f"ALTER TABLE {SCHEMA}.{table} ADD COLUMN IF NOT EXISTS {column}"))

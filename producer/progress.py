@@ -24,7 +24,7 @@ REPORT_WAIT_SECONDS = 30.0
 EVENT_WORDS = {"stale": "stale", "lost": "lost", "finalize": "coordinator"}
 
 
-class _Events:
+class HealingLog:
     """Prints each healing event of the run once, above the bar."""
 
     def __init__(self, console: Console, ledger: Ledger, run_id: str) -> None:
@@ -54,7 +54,7 @@ def follow(console: Console, ledger: Ledger, run_id: str, finalize_here: Callabl
                TextColumn("chunks {task.fields[done]}/{task.fields[chunks]} done, {task.fields[running]} running, "
                           "{task.fields[failed]} failed"))
     started, start_rows = time.monotonic(), first.rows_done
-    events = _Events(console, ledger, run_id)
+    events = HealingLog(console, ledger, run_id)
     next_sweep = time.monotonic()
     unreachable = False
     with Progress(*columns, console=console, transient=False, refresh_per_second=4) as bar:

@@ -55,10 +55,11 @@ def run_chunk(context: WorkerContext, chunk_id: str, progress: Callable[[int, in
         return ChunkResult({"skipped": claimed.reason}, run_finished=_finish_if_last(context, chunk_id, reclaim))
     claim: Claim = claimed
     started = time.monotonic()
+    report = best_effort(progress, chunk_id)
     try:
         migration = context.migration_for(claim.run)
         with Heartbeat(ledger, chunk_id, claim.token, settings.heartbeat_interval):
-            outcome = migration.run_chunk(claim.chunk.spec, lambda rows: progress(rows, claim.chunk.spec.est_rows))
+            outcome = migration.run_chunk(claim.chunk.spec, lambda rows: report(rows, claim.chunk.spec.est_rows))
     except TransientError as exc:
         raise RetryChunk(claim.token, exc) from None
     except Exception as exc:  # noqa: BLE001 - any other error is final for this chunk: record it
@@ -101,14 +102,28 @@ def hold_for_retry(context: WorkerContext, chunk_id: str, token: str | None, cou
         log.warning("Worker %s: chunk %s: claim not extended for the retry (%s)", context.name, chunk_id, exc)
 
 
-def holder_gone(worker: str) -> bool:
-    """Whether the worker named in the ledger (host:pid) is a process of this host that no longer runs.
+def best_effort(progress: Callable[[int, int], None], chunk_id: str) -> Callable[[int, int], None]:
+    """The progress callback, made harmless: a broker away for a moment must never fail the chunk it
+    reports on (events and task state go through the broker and the result backend)."""
+    def report(rows: int, est_rows: int) -> None:
+        try:
+            progress(rows, est_rows)
+        except Exception as exc:  # noqa: BLE001 - kombu, redis and the backends raise several kinds here
+            log.debug("chunk %s: progress not sent: %s", chunk_id, exc)
+    return report
 
-    Lets a chunk whose pool process was killed be taken over at once on redelivery, rather than after
-    its heartbeat goes stale."""
+
+def holder_gone(worker: str) -> bool:
+    """Whether the attempt named in the ledger (host:pid) is over: its process no longer runs on this
+    host, or it is this very process, which runs one chunk at a time (a prefork pool process).
+
+    Lets a chunk whose pool process was killed, or whose claim this process made before a lost
+    connection hid the answer, be taken over at once rather than after its heartbeat goes stale."""
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
+    if int(pid) == os.getpid():
+        return True
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

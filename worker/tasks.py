@@ -30,12 +30,8 @@ def _backoff(retries: int) -> float:
 def copy_chunk(self: Task, run_id: str, chunk_id: str, reclaim: str | None = None) -> dict[str, Any]:
     """Copy one chunk; retried with backoff on transient errors only, never on bad data."""
 
-    def progress(rows: int, est_rows: int) -> None:
-        # Best effort: a broker that is away for a moment must never fail the chunk it reports on.
-        try:
-            self.send_event("task-progress", retry=False, run_id=run_id, rows=rows, est_rows=est_rows)
-        except Exception as exc:  # noqa: BLE001 - kombu and redis raise several kinds here
-            log.debug("Worker %s: progress of %s not sent: %s", context.name, chunk_id, exc)
+    def progress(rows: int, est_rows: int) -> None:  # the runner makes it best effort
+        self.send_event("task-progress", retry=False, run_id=run_id, rows=rows, est_rows=est_rows)
 
     try:
         result = run_chunk(context, chunk_id, progress, reclaim)

@@ -187,6 +187,8 @@ class Modmon(Migration):
         self._source_tables = (f"{src_schema}.archived_predictions",)
         self.tables = {spec.name: _in_schema(spec, dst_schema)
                        for spec in (PREDICTION_STATS, FEATURE_DRIFT, DRIFT_TRACKING, CHUNK_STATE)}
+        for table in self.tables.values():
+            identifier(table.name)  # a hostile --target-schema is refused before any query names it
         self._hour_counts: dict[tuple[str, ...] | None, list[tuple[str, int, int]]] = {}
 
     @classmethod

@@ -3,12 +3,14 @@ exactly (the end-to-end faults in tests/faults run them against real brokers and
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 
 import pytest
 import redis
 import sqlalchemy as sa
+from rich.console import Console
 
 from common.broker import Broker
 from common.ledger import Claim, Ledger, RunRecord
@@ -16,6 +18,7 @@ from common.ledger_schema import chunks, runs
 from common.model import ChunkOutcome, ChunkSpec
 from common.settings import load_settings
 from common.sweeper import Sweeper
+from producer.progress import HealingLog
 from tests.conftest import REDIS_BASE
 
 
@@ -176,3 +179,16 @@ def test_the_broker_counts_the_messages_waiting_in_a_redis_queue(ledger):
     finally:
         redis.Redis.from_url(settings.broker_url).delete(queue)
         broker.close()
+
+
+def test_watch_says_which_chunk_went_stale_and_that_it_was_sent_again(ledger, broker):
+    ids = make_run(ledger, 2)
+    ledger.claim_chunk(ids[0], "host:4242", 30)
+    age(ledger, ids[:1], "heartbeat_at", 45)
+    out = io.StringIO()
+    shown = HealingLog(Console(file=out, width=200), ledger, "r1")  # what `watch` has already shown
+    sweeper_for(ledger, broker).sweep()
+    shown.show_new()
+    shown.show_new()
+    assert out.getvalue().count("\n") == 1, "each event is printed once"
+    assert f"stale: chunk {ids[0]}: worker host:4242 silent for 45s; sent again" in out.getvalue()
