@@ -79,7 +79,7 @@ def load_model(db: Database, name: str, event: str, model_type: str, version: in
             "SELECT model_binary, version FROM {} WHERE name = %s AND event = %s AND model_type = %s AND {}"
             " ORDER BY version DESC LIMIT 1").format(identifier(table), condition), params).fetchone()
     if row is None:
-        which = f"version {version}" if version is not None else "an active version"
+        which = f"version {version}" if version is not None else "active version"
         raise ModelNotFound(f"model {name!r} (event {event!r}, type {model_type!r}) has no {which} in {table}")
     return joblib.load(io.BytesIO(row[0])), row[1]
 
