@@ -352,9 +352,13 @@ def _print_versions(versions: list, as_json: bool, title: str) -> None:
 @click.option("--source-url", help="Where to build the demo source [postgresql://postgres@127.0.0.1:5432/shuttle_demo].")
 @click.option("--flower-url", help="Flower address to print [SHUTTLE_FLOWER_URL].")
 @click.option("--skip-data", is_flag=True, help="Reuse the demo source already built.")
+@click.option("--migration", type=click.Choice(["modmon", "model-files"]), default="modmon", show_default=True,
+              help="Which migration the demo runs.")
+@click.option("--models-dir", default="/tmp/shuttle-demo-models", show_default=True,
+              help="model-files: where the demo writes its model files (a path every worker sees).")
 @settings_options
 def demo(settings: Settings, **options: Any) -> None:
-    """Build a realistic demo source, start local workers, run `modmon` and print the report."""
+    """Build a realistic demo source, start local workers, run a migration (`modmon`) and print the report."""
     from producer.demo import run_demo
 
     verdict = run_demo(settings, console, **options)
