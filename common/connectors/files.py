@@ -186,10 +186,10 @@ class Source(BaseSource):
     def _walk(self, root: str, rel_dir: str, names: set[str] | None, lo: str | None,
               hi: str | None) -> Iterator[ModelFile]:
         try:
-            entries = sorted(os.scandir(os.path.join(root, rel_dir)), key=lambda e: e.name)
+            entries = list(os.scandir(os.path.join(root, rel_dir)))
         except OSError:
             return  # a directory that vanished or cannot be listed: its files are simply not there
-        for entry in entries:
+        for entry in sorted(entries, key=lambda e: e.name):
             relpath = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
