@@ -27,6 +27,7 @@ and the seed's own notes say old files are deleted once migrated). Deactivating 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -46,6 +47,7 @@ TARGET = "models"
 MB = 1 << 20
 DEFAULT_MAX_FILE_MB = 1024
 DEFAULT_BUFFER_MB = 64
+PROGRESS_EVERY_S = 0.5
 
 #  reject reason (the reader's DataError)       when
 REJECTS = {
@@ -144,6 +146,7 @@ class ModelFiles(Migration):
             conn = self.sink.connection()
             if self._limits is None:
                 self._limits = column_limits(conn, self.table)
+            next_report = time.monotonic() + PROGRESS_EVERY_S
             with versioning(conn, spec.partition, self.table, self._limits) as writer:
                 for done, f in enumerate(files, 1):
                     try:
@@ -153,7 +156,10 @@ class ModelFiles(Migration):
                         outcome.rejects.append(Reject(ENTITY, f.path, str(exc), f"root {f.root}"))
                         continue
                     writer.add(f.event, f.model_type, content.sha256, content.size, content.blocks(), f.path)
-                    progress(done)
+                    if time.monotonic() >= next_report:  # each call is a broker event: not one per small file
+                        progress(done)
+                        next_report = time.monotonic() + PROGRESS_EVERY_S
+        progress(len(files))
         outcome.writes = {TARGET: writer.counts}
         return outcome
 

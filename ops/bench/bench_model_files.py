@@ -125,13 +125,14 @@ def shuttle(settings: Settings, ledger: Ledger, workers: int, root: Path, log_di
         started = time.monotonic()
         run = commands.start_run(settings, "model-files", Selection(), 1000, None, source_url=f"file://{root}",
                                  target_url=TARGET)
+        planned = time.monotonic()
         report = wait_report(ledger, run.run_id)
         seconds = time.monotonic() - started
         memory = [process_group_memory(p.pid) for p in pool.processes]
     totals = report["totals"]
     if report["verdict"] != "clean":
         raise SystemExit(f"run {run.run_id} ended {report['verdict']}: {report['verdict_reason']}")
-    return {"seconds": seconds, "run_id": run.run_id, "chunks": run.chunk_count, "rows_read": totals["rows_read"],
+    return {"seconds": seconds, "plan_s": planned - started, "run_id": run.run_id, "chunks": run.chunk_count, "rows_read": totals["rows_read"],
             "written": totals["rows_written"], "chunk_wall_s": report["timing"].get("wall_seconds"),
             "worker_hwm_kb": [max((p["hwm_kb"] for p in group), default=0) for group in memory]}
 
@@ -232,8 +233,10 @@ def render(args: argparse.Namespace, began: datetime, out: dict[str, Any]) -> st
             note = ""
             if method.startswith("shuttle") or method == "rerun":
                 hwm = max(max(r["worker_hwm_kb"]) for r in runs) / 1024
-                note = f"{runs[0]['chunks']} chunks; rows written {', '.join(str(r['written']) for r in runs)}; " \
-                       f"worker peak RSS {hwm:.0f} MiB"
+                plan = statistics.median(r["plan_s"] for r in runs)
+                wall = statistics.median(r["chunk_wall_s"] or 0 for r in runs)
+                note = f"{runs[0]['chunks']} chunks; plan {plan:.2f}s, first chunk start to last end {wall:.2f}s; " \
+                       f"rows written {', '.join(str(r['written']) for r in runs)}; worker peak RSS {hwm:.0f} MiB"
             lines.append(f"| {LABELS[method]} | {fps[1]:,.0f} | {fps[0]:,.0f} | {fps[2]:,.0f} | {mbs[1]:,.1f} | "
                          f"{mbs[0]:,.1f} | {mbs[2]:,.1f} | {statistics.median(secs):.2f} | {note} |")
         med = {m: statistics.median(r["seconds"] for r in runs) for m, runs in results.items() if runs}
