@@ -64,6 +64,7 @@ COPY_COLUMNS = ("name", "version", "model_type", "event", "model_binary", "is_ac
 HASH_SQL = "encode(sha256(model_binary), 'hex')"
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 _COPY_TRAILER = struct.pack("!h", -1)
+SEND_BYTES = 1 << 20  # what the COPY buffers before sending: memory stays bounded by it plus one block
 
 
 def ensure_table(conn: psycopg.Connection, table: str = DEFAULT_TABLE) -> dict[str, int]:
@@ -155,6 +156,7 @@ class NameWriter:
     newest: dict[tuple[str, str], int] = field(default_factory=dict)  # (event, model_type) → version added
     _stack: ExitStack = field(default_factory=ExitStack)
     _copy: psycopg.Copy | None = None
+    _pending: bytearray = field(default_factory=bytearray)
 
     def check(self, event: str, model_type: str) -> None:
         """A DataError when the name, event or type cannot be stored (too long for its column, not UTF-8)."""
@@ -181,17 +183,30 @@ class NameWriter:
             self.counts.unchanged += 1
             return existing
         version = self.next_version
-        copy = self._open_copy()
-        copy.write(struct.pack("!h", len(COPY_COLUMNS)) + _text(self.name) + struct.pack("!ii", 4, version)
-                   + _text(model_type) + _text(event) + struct.pack("!i", size))
+        self._open_copy()
+        self._put(struct.pack("!h", len(COPY_COLUMNS)) + _text(self.name) + struct.pack("!ii", 4, version)
+                  + _text(model_type) + _text(event) + struct.pack("!i", size))
         for block in blocks:
-            copy.write(block)
-        copy.write(struct.pack("!ib", 1, 1) + _text(content_hash) + _text(source_path))
+            self._put(block)
+        self._put(struct.pack("!ib", 1, 1) + _text(content_hash) + _text(source_path))
         self.next_version += 1
         self.known[(event, model_type, content_hash)] = version
         self.newest[(event, model_type)] = version
         self.counts.inserted += 1
         return version
+
+    def _put(self, data: bytes) -> None:
+        """Small pieces (row headers, small files) are sent together: each send waits for the socket."""
+        if len(data) >= SEND_BYTES:  # a large block goes as it is, never copied into the buffer
+            if self._pending:
+                self._copy.write(self._pending)
+                self._pending = bytearray()
+            self._copy.write(data)
+            return
+        self._pending += data
+        if len(self._pending) >= SEND_BYTES:
+            self._copy.write(self._pending)
+            self._pending = bytearray()
 
     def _open_copy(self) -> psycopg.Copy:
         if self._copy is None:
@@ -203,7 +218,9 @@ class NameWriter:
     def finish(self) -> int:
         """End the COPY and make each model's newest version its only active one; returns rows deactivated."""
         if self._copy is not None:
-            self._copy.write(_COPY_TRAILER)
+            self._put(_COPY_TRAILER)
+            self._copy.write(self._pending)
+            self._pending = bytearray()
             self._stack.close()
             self._copy = None
         if not self.newest:
