@@ -20,9 +20,10 @@ version numbers on every run. A file is checked by its header only (REJECTS belo
 unpickles is `load_model`, for trusted tables.
 
 Versions are never deleted, so `WriteCounts.deleted` stays 0: a file removed from disk leaves its
-versions in place, because the table is the models' history (training code loads a version by number,
-and the seed's own notes say old files are deleted once migrated). Deactivating is the users' call
-(`shuttle models deactivate`).
+versions in place, because the table is the models' history, not a mirror of the directory. Training
+code loads a version by number, and teams delete old files once they are migrated (the reference
+document's own advice): that must not delete what was migrated. Deactivating a version is the users'
+call (`shuttle models deactivate`).
 """
 
 from __future__ import annotations

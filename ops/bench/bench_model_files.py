@@ -16,7 +16,7 @@ Per tree and repeat, interleaved so noise hits every method alike, each into an 
   seed-pglz  (information) the same loop into the reference document's own table, as its SQL creates it
              (PostgreSQL's default pglz compression, which costs most of that loop's time);
   ceiling    one binary `COPY` of the same bytes (path, bytes) into a bare table, one transaction, its bytea
-             lz4-compressed as Shuttle creates `models` (so the seed's way gets lz4 too);
+             lz4-compressed as Shuttle creates `models` (so the reference script's way gets lz4 too);
   ceiling-pglz  (information) the same into a bare table with PostgreSQL's default compression, pglz;
   shuttle-1  `start_run` → report in the ledger, 1 local worker process (worker start-up not timed);
   shuttle-2  the same with 2 worker processes;
@@ -254,17 +254,17 @@ def render(args: argparse.Namespace, began: datetime, out: dict[str, Any]) -> st
                          f"{mbs[0]:,.1f} | {mbs[2]:,.1f} | {statistics.median(secs):.2f} | {note} |")
         med = {m: statistics.median(r["seconds"] for r in runs) for m, runs in results.items() if runs}
         over_seed, over_ceiling = med["seed"] / med["shuttle-2"], med["ceiling"] / med["shuttle-2"]
-        lines += ["", f"- Shuttle-2 / seed's way: **{over_seed:.2f}×** (files/s and MB/s alike: same files); "
+        lines += ["", f"- Shuttle-2 / the reference script's way: **{over_seed:.2f}×** (files/s and MB/s alike: same files); "
                       f"Shuttle-1: {med['seed'] / med['shuttle-1']:.2f}×",
                   f"- Shuttle-2 / COPY ceiling (lz4): **{over_ceiling:.0%}**; / the pglz bare table: "
                   f"{med['ceiling-pglz'] / med['shuttle-2']:.0%}",
-                  f"- (information) Shuttle-2 / the seed's loop into its own pglz table: "
+                  f"- (information) Shuttle-2 / that loop into the reference document's own pglz table: "
                   f"{med['seed-pglz'] / med['shuttle-2']:.2f}×", ""]
         if label == "small":
-            verdicts.append(f"small tree, 2 workers ≥ 5× the seed's way in files/s: "
+            verdicts.append(f"small tree, 2 workers ≥ 5× the reference script's way in files/s: "
                             f"{'met' if over_seed >= 5 else 'NOT met'} ({over_seed:.2f}×)")
         if label == "mixed":
-            verdicts.append(f"mixed tree, 2 workers ≥ 1.5× the seed's way in MB/s: "
+            verdicts.append(f"mixed tree, 2 workers ≥ 1.5× the reference script's way in MB/s: "
                             f"{'met' if over_seed >= 1.5 else 'NOT met'} ({over_seed:.2f}×)")
         verdicts.append(f"{label} tree, 2 workers ≥ 50% of the COPY ceiling: "
                         f"{'met' if over_ceiling >= 0.5 else 'NOT met'} ({over_ceiling:.0%})")
