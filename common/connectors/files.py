@@ -69,7 +69,13 @@ def roots_from_url(url: str) -> tuple[str, ...]:
         if not path.startswith("/"):
             raise ConfigError(f"root {path!r} in {url!r} is not an absolute path; write file:///absolute/path")
         roots.append(os.path.realpath(path))
-    return tuple(dict.fromkeys(roots))
+    roots = list(dict.fromkeys(roots))
+    for inner in roots:
+        for outer in roots:
+            if inner != outer and inner.startswith(outer.rstrip("/") + "/"):
+                raise ConfigError(f"root {inner} is inside root {outer}: its files would be read twice; "
+                                  "give only the outer one")
+    return tuple(roots)
 
 
 class NamingPattern:

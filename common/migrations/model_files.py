@@ -85,13 +85,18 @@ class ModelFiles(Migration):
     @classmethod
     def plan_options(cls, **flags: Any) -> dict[str, Any]:
         extra = flags.get("options") or {}
-        max_mb = flags.get("max_file_mb") or extra.get("max_file_mb") or DEFAULT_MAX_FILE_MB
-        if float(max_mb) <= 0:
-            raise ConfigError(f"--max-file-mb must be positive, got {max_mb}")
+        sizes = {}
+        for key, flag, default in (("max_file_mb", "--max-file-mb", DEFAULT_MAX_FILE_MB),
+                                   ("buffer_mb", "--option buffer_mb", DEFAULT_BUFFER_MB)):
+            value = flags.get(key) or extra.get(key) or default
+            try:
+                sizes[key] = float(value)
+            except ValueError:
+                sizes[key] = -1.0
+            if not sizes[key] > 0:
+                raise ConfigError(f"{flag} must be a positive number of MB, got {value!r}")
         return {"target_schema": flags.get("target_schema") or "public",
-                "name_pattern": flags.get("name_pattern") or extra.get("name_pattern") or DEFAULT_PATTERN,
-                "max_file_mb": float(max_mb),
-                "buffer_mb": float(extra.get("buffer_mb") or DEFAULT_BUFFER_MB)}
+                "name_pattern": flags.get("name_pattern") or extra.get("name_pattern") or DEFAULT_PATTERN, **sizes}
 
     # -- planning ----------------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ def test_roots_from_url(tmp_path):
     os.symlink(tmp_path / "a", tmp_path / "link")
     assert roots_from_url(f"file://{tmp_path}/a,file://{tmp_path}/b") == (f"{tmp_path}/a", f"{tmp_path}/b")
     assert roots_from_url(f"file://{tmp_path}/link, {tmp_path}/a") == (f"{tmp_path}/a",)  # resolved, deduplicated
-    for bad in ("postgresql://x/y", "file://relative/path"):
+    for bad in ("postgresql://x/y", "file://relative/path", f"file://{tmp_path},{tmp_path}/a"):
         with pytest.raises(ConfigError):
             roots_from_url(bad)
 
@@ -123,3 +123,13 @@ def test_a_file_over_the_buffer_is_streamed_and_must_not_change(tmp_path):
     (root / first.relpath).write_bytes(PICKLE[:-1] + b"!")
     with pytest.raises(TransientError, match="changed while it was being read"):
         b"".join(content.blocks())
+
+
+def test_size_options_must_be_positive_numbers():
+    from common.migrations.model_files import ModelFiles
+
+    assert ModelFiles.plan_options(max_file_mb=2.5)["max_file_mb"] == 2.5
+    assert ModelFiles.plan_options(options={"buffer_mb": "8"})["buffer_mb"] == 8.0
+    for flags in ({"options": {"max_file_mb": "lots"}}, {"options": {"buffer_mb": "0"}}):
+        with pytest.raises(ConfigError, match="positive number of MB"):
+            ModelFiles.plan_options(**flags)
