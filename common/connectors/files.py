@@ -140,9 +140,9 @@ class Content:
     size: int
     sha256: str
     kind: str
-    data: bytes | None  # None: larger than the buffer; `blocks()` streams it again
+    data: bytes | bytearray | None  # None: larger than the buffer; `blocks()` streams it again
 
-    def blocks(self) -> Iterator[bytes]:
+    def blocks(self) -> Iterator[bytes | bytearray]:
         """The bytes again, in blocks; a file that changed since it was hashed is a TransientError."""
         if self.data is not None:
             yield self.data
@@ -236,7 +236,9 @@ class Source(BaseSource):
             raise DataError("empty file")
         if info.st_size > max_bytes:
             raise DataError(f"{info.st_size:,} bytes, over the limit of {max_bytes:,} (--max-file-mb)")
-        digest, parts, size = hashlib.sha256(), [], 0
+        digest = hashlib.sha256()
+        # A file that fits the buffer is read straight into one buffer of its size (no second copy).
+        buffer = bytearray(info.st_size) if info.st_size <= buffer_bytes else None
         try:
             with _open_regular(real) as f:
                 head = f.read(8)
@@ -244,20 +246,25 @@ class Source(BaseSource):
                 if kind is None:
                     raise DataError(f"not a joblib or pickle file by its header (starts with {head[:8].hex()})")
                 digest.update(head)
-                keep = info.st_size <= buffer_bytes
-                if keep:
-                    parts.append(head)
                 size = len(head)
-                while block := f.read(BLOCK):
+                if buffer is not None:
+                    view = memoryview(buffer)
+                    view[:size] = head
+                    while size < len(buffer) and (n := f.readinto(view[size:size + BLOCK])):
+                        digest.update(view[size:size + n])
+                        size += n
+                    view.release()
+                    if size < len(buffer):  # shrank since it was measured: its bytes are streamed again
+                        buffer = None
+                while block := f.read(BLOCK):  # grew since it was measured (or larger than the buffer)
+                    buffer = None
                     digest.update(block)
                     size += len(block)
                     if size > max_bytes:
                         raise DataError(f"grew over the limit of {max_bytes:,} bytes (--max-file-mb) while read")
-                    if keep:
-                        parts.append(block)
         except OSError as exc:
             raise DataError(f"unreadable: {exc.strerror or exc}") from None
-        data = b"".join(parts) if keep and size <= buffer_bytes else None
+        data = buffer
         return Content(file, real, size, digest.hexdigest(), kind, data)
 
     def close(self) -> None:
