@@ -228,7 +228,7 @@ class LatestMetricsCase(PostgresTargetCase):
 
 class ModelFilesCase(PostgresTargetCase):
     """A generated tree of joblib files (two of them bad on purpose) as source; each target is a schema
-    with its own `models` table. Chunks are model names, so `--chunk-rows` changes nothing here."""
+    with its own `models` table. A chunk is one model name, so `--chunk-rows` changes nothing here."""
 
     migration = "model-files"
     chunk_rows = 1000
@@ -240,7 +240,9 @@ class ModelFilesCase(PostgresTargetCase):
         super().__init__(env)
         self.target_database = database_of(env.source_url)
         self.pg_databases = (self.target_database,)
-        self.tree = build_tree(root, names=40, events=("signup", "churn"))
+        # 150 names → 151 chunks: enough that a cancel lands while most of the run is still queued, the
+        # chunk size being one name whatever --chunk-rows says.
+        self.tree = build_tree(root, names=150, events=("signup",), model_types=("classifier_binary", "regression"))
         for name, data in self.BAD.items():
             (root / name).write_bytes(data)
         self.schemas: list[str] = []
