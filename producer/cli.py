@@ -80,7 +80,7 @@ def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def files_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Flags of the files source (`model-files`); they reach the migration's `plan_options`."""
     @click.option("--max-file-mb", type=click.FloatRange(min=0, min_open=True),
-                  help="model-files: files larger than this are rejects, not read [1024].")
+                  help="model-files: files larger than this are rejects, not read [1000, the most PostgreSQL stores].")
     @click.option("--name-pattern", metavar="PATTERN",
                   help="model-files: how file names give name, event and type [{name}__{event}__{model_type}.{ext}].")
     @wraps(func)

@@ -46,7 +46,8 @@ from common.model_store import DEFAULT_TABLE, HASH_SQL, column_limits, ensure_ta
 ENTITY = "files"
 TARGET = "models"
 MB = 1 << 20
-DEFAULT_MAX_FILE_MB = 1024
+DEFAULT_MAX_FILE_MB = 1000
+BYTEA_MAX_MB = 1000  # PostgreSQL holds at most 1 GB in one bytea value: a larger file is a reject, not a failed chunk
 DEFAULT_BUFFER_MB = 64
 PROGRESS_EVERY_S = 0.5
 
@@ -77,7 +78,7 @@ class ModelFiles(Migration):
         schema = options.get("target_schema") or "public"
         self.table = DEFAULT_TABLE if schema == "public" else f"{schema}.{DEFAULT_TABLE}"
         identifier(self.table)  # a hostile schema name is a usage error before anything runs
-        self.max_bytes = int(float(options.get("max_file_mb") or DEFAULT_MAX_FILE_MB) * MB)
+        self.max_bytes = int(min(float(options.get("max_file_mb") or DEFAULT_MAX_FILE_MB), BYTEA_MAX_MB) * MB)
         self.buffer_bytes = int(float(options.get("buffer_mb") or DEFAULT_BUFFER_MB) * MB)
         self._listing: dict[tuple[str, ...] | None, list[ModelFile]] = {}
         self._limits: dict[str, int] | None = None
