@@ -148,7 +148,12 @@ class Content:
             yield self.data
             return
         digest, seen = hashlib.sha256(), 0
-        with _open_regular(self.real_path) as f:
+        try:
+            opened = _open_regular(self.real_path)
+        except (OSError, DataError) as exc:  # replaced or removed since it was hashed: the chunk reads it again
+            raise TransientError(f"{self.file.path} changed while it was being read ({exc}); the chunk will "
+                                 "read it again") from None
+        with opened as f:
             while seen < self.size:
                 block = f.read(min(BLOCK, self.size - seen))
                 if not block:
