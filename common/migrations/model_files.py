@@ -209,7 +209,8 @@ class ModelFiles(Migration):
     def after_run(self, partitions: Sequence[str]) -> list[str]:
         """The roots the files came from (workers on several hosts read them at these shared paths)."""
         per_root = Counter(f.root for f in self.source.files(set(partitions)))
-        lines = [f"read from root {root}: {per_root.get(root, 0)} model files" for root in self.source.roots]
+        lines = [f"read from root {root}: {n} model file{'' if n == 1 else 's'}"
+                 for root, n in ((root, per_root.get(root, 0)) for root in self.source.roots)]
         if self.source.unmatched:
             lines.append(f"{self.source.unmatched} files under the roots do not fit the pattern "
                          f"{self.source.pattern.pattern} and were not read")

@@ -251,3 +251,31 @@ def test_users_api(fresh_db):
     assert listed == [("churn", 1, "signup", False), ("churn", 2, "signup", False), ("churn", 3, "renewal", True)]
     with psycopg.connect(fresh_db) as conn:  # an open connection works as well as a URL
         assert load_model(conn, "churn", "renewal", "vectorizer") == ([1, 2], 3)
+
+
+def test_two_roots_versions_in_path_order_and_the_report_names_each_root(fresh_db, tmp_path):
+    """The same relative path under two roots: both contents stored, the second root's as the newer
+    version; a pattern with directories; every check and action names the roots the files came from."""
+    first, second = tmp_path / "nfs-a", tmp_path / "nfs-b"
+    for root, value in ((first, "a"), (second, "b")):
+        (root / "churn" / "signup").mkdir(parents=True)
+        joblib.dump({"from": value}, root / "churn" / "signup" / "regression.joblib")
+    joblib.dump({"only": "a"}, first / "churn" / "signup" / "vectorizer.joblib")
+    url = f"file://{first},{second}"
+    pattern = "{name}/{event}/{model_type}.joblib"
+    migration = ModelFiles(url, fresh_db, ModelFiles.plan_options(name_pattern=pattern))
+    migration.prepare_target()
+    (spec,) = migration.plan_chunks(Selection(), 1000)
+    assert (spec.partition, spec.lo, spec.hi, spec.est_rows) == (
+        "churn", "churn/signup/regression.joblib", "churn/signup/vectorizer.joblib", 3)
+    assert migration.run_chunk(spec, lambda n: None).totals().inserted == 3
+    assert [(v.version, v.model_type, v.is_active, v.source_path) for v in list_versions(fresh_db, "churn")] == [
+        (1, "regression", False, str(first / "churn/signup/regression.joblib")),
+        (2, "regression", True, str(second / "churn/signup/regression.joblib")),
+        (3, "vectorizer", True, str(first / "churn/signup/vectorizer.joblib"))]
+    assert load_model(fresh_db, "churn", "signup", "regression")[0] == {"from": "b"}
+    (check,) = migration.verify(Selection(), ["churn"], {})
+    assert check.ok and check.detail == f"files from {first} (2), {second} (1)"
+    assert migration.after_run(["churn"]) == [f"read from root {first}: 2 model files",
+                                              f"read from root {second}: 1 model file"]
+    assert migration.run_chunk(spec, lambda n: None).totals().unchanged == 3  # and again: nothing new
