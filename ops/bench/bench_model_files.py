@@ -25,7 +25,8 @@ Files/s and MB/s (10^6 bytes) are over wall seconds. Worker memory is the peak R
 largest process of each worker, read before it stops.
 
 Uses only its own places: target database `shuttle_mf_bench`, ledger `shuttle_mf_bench_ledger`, Redis DB
---redis-db with a queue of its own; both databases are dropped at the end unless --keep.
+--redis-db with a queue of its own; both databases are dropped at the end unless --keep, and the queue's
+keys and the `model-files` task results in that Redis DB are deleted.
 """
 
 from __future__ import annotations
@@ -150,6 +151,15 @@ def shuttle(settings: Settings, ledger: Ledger, workers: int, root: Path, log_di
             "worker_hwm_kb": [max((p["hwm_kb"] for p in group), default=0) for group in memory]}
 
 
+def forget_broker_keys(settings: Settings) -> None:
+    """Its queue's bindings and its runs' task results: Redis DB --redis-db may be shared."""
+    client = redis.Redis.from_url(settings.broker_url)
+    for pattern in (f"_kombu.binding*.{settings.queue}", "celery-task-meta-model-files-*"):
+        for key in client.scan_iter(pattern, count=1000):
+            client.delete(key)
+    client.delete(settings.queue)
+
+
 def check_same(paths: list[Path]) -> None:
     """Shuttle's table holds every file once, with its hash (the figures are only worth it if so)."""
     with db(TARGET) as conn:
@@ -211,6 +221,7 @@ def main() -> None:
                           "results": results}
     finally:
         ledger.dispose()
+        forget_broker_keys(settings)
         if not args.keep:
             with db(f"{PG}/postgres") as conn:
                 for name in ("shuttle_mf_bench", "shuttle_mf_bench_ledger"):
