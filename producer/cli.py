@@ -53,7 +53,7 @@ def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
                   metavar="ID ...", callback=_ids, help="Only these partitions (deployment or experiment ids); "
                   "several may follow the flag, or comma-separated.")
     @click.option("--model-names", "model_names", multiple=True, metavar="NAME ...", callback=_ids,
-                  help="Only these registered models (MLflow registry tables).")
+                  help="Only these registered models (MLflow registry tables) or model names (model-files).")
     @click.option("--since", type=click.DateTime(), help="Only rows at or after this UTC time (whole hours).")
     @click.option("--until", type=click.DateTime(), help="Only rows before this UTC time (whole hours).")
     @click.option("--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk at most [default 50,000].")
@@ -82,6 +82,18 @@ def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
                 raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--option")
             kwargs.setdefault("options", {})[key.replace("-", "_")] = value
         return func(*args, selection=selection, **kwargs)
+    return wrapper
+
+
+def files_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Flags of the files source (`model-files`); they reach the migration's `plan_options`."""
+    @click.option("--max-file-mb", type=click.FloatRange(min=0, min_open=True),
+                  help="model-files: files larger than this are rejects, not read [1000, the most PostgreSQL stores].")
+    @click.option("--name-pattern", metavar="PATTERN",
+                  help="model-files: how file names give name, event and type [{name}__{event}__{model_type}.{ext}].")
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
     return wrapper
 
 
@@ -141,6 +153,7 @@ def migrations() -> None:
 @cli.command()
 @click.argument("migration")
 @selection_options
+@files_options
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Worker processes to estimate the time for.")
 @settings_options
@@ -155,6 +168,7 @@ def plan(settings: Settings, migration: str, selection: Selection, chunk_rows: i
 @cli.command()
 @click.argument("migration")
 @selection_options
+@files_options
 @click.option("--max-rejects", type=click.IntRange(min=0), help="Fail the run when more rows than this are rejected.")
 @click.option("--reenable-drift-tracking", is_flag=True, help="modmon: re-enable drift tracking after a clean run.")
 @click.option("--wait", is_flag=True, help="Show live progress, then the report; exit 0 only on a clean verdict.")
@@ -290,6 +304,82 @@ def purge(settings: Settings, migration: str, purge_all: bool, before: datetime 
     sys.exit(0 if all(isinstance(v, int) for v in result.values()) else 1)
 
 
+@cli.group()
+def models() -> None:
+    """Browse and manage the versioned `models` table (the target of `model-files`)."""
+
+
+def models_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the table is: --target-url (else model-files' target URL from the config), --table."""
+    @click.option("--target-url", help="The models database [model-files' target URL, SHUTTLE_TARGET_URL].")
+    @click.option("--table", default="models", show_default=True, help="Table, optionally schema.models.")
+    @wraps(func)
+    def wrapper(settings: Settings, target_url: str | None, table: str, **kwargs: Any) -> Any:
+        url = target_url or settings.urls_for("model-files")[1]
+        if not url:
+            raise ConfigError("no models database: pass --target-url, set SHUTTLE_TARGET_URL, or add target_url "
+                              "to [migrations.model-files] in the config file")
+        return func(url, table, **kwargs)
+    return wrapper
+
+
+@models.command("list")
+@click.option("--name", help="Only this model name.")
+@click.option("--all-versions", is_flag=True, help="Every version, not only the active ones.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@settings_options
+@models_options
+def models_list(url: str, table: str, name: str | None, all_versions: bool, as_json: bool) -> None:
+    """Stored models: the active version of each, or every version."""
+    from common.models_api import list_versions
+
+    versions = [v for v in list_versions(url, name, table=table) if all_versions or v.is_active]
+    _print_versions(versions, as_json, f"{'Versions' if all_versions else 'Active versions'} in {table}")
+
+
+@models.command("show")
+@click.argument("name")
+@click.option("--event", help="Only this event.")
+@click.option("--model-type", help="Only this model type.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@settings_options
+@models_options
+def models_show(url: str, table: str, name: str, event: str | None, model_type: str | None, as_json: bool) -> None:
+    """Every version of one model name, active or not, with size, hash and source file."""
+    from common.models_api import list_versions
+
+    versions = list_versions(url, name, event, model_type, table=table)
+    if not versions:
+        raise ConfigError(f"no versions of model {name!r} in {table}; `shuttle models list` shows the names")
+    _print_versions(versions, as_json, f"{name} in {table}")
+
+
+@models.command("deactivate")
+@click.argument("name")
+@click.argument("event")
+@click.argument("model_type")
+@click.argument("version", type=click.IntRange(min=1))
+@settings_options
+@models_options
+def models_deactivate(url: str, table: str, name: str, event: str, model_type: str, version: int) -> None:
+    """Deactivate one version (kept in the table); loading then falls back to the latest active one."""
+    from common.models_api import ModelNotFound, deactivate_model
+
+    try:
+        was_active = deactivate_model(url, name, event, model_type, version, table=table)
+    except ModelNotFound as exc:
+        raise ConfigError(str(exc)) from None
+    console.print(f"{name} {event} {model_type} version {version}: "
+                  + ("deactivated" if was_active else "already inactive, unchanged"))
+
+
+def _print_versions(versions: list, as_json: bool, title: str) -> None:
+    if as_json:
+        click.echo(json.dumps([v.as_dict() for v in versions], indent=2))
+        return
+    display.show_versions(console, versions, title)
+
+
 @cli.command()
 @click.option("--rows", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
               help="Archived predictions to generate.")
@@ -301,9 +391,13 @@ def purge(settings: Settings, migration: str, purge_all: bool, before: datetime 
               help="Where to build the demo source [postgresql://postgres@127.0.0.1:5432/shuttle_demo].")
 @click.option("--flower-url", help="Flower address to print [SHUTTLE_FLOWER_URL].")
 @click.option("--skip-data", is_flag=True, help="Reuse the demo source already built.")
+@click.option("--migration", type=click.Choice(["modmon", "model-files"]), default="modmon", show_default=True,
+              help="Which migration the demo runs.")
+@click.option("--models-dir", default="/tmp/shuttle-demo-models", show_default=True,
+              help="model-files: where the demo writes its model files (a path every worker sees).")
 @settings_options
 def demo(settings: Settings, **options: Any) -> None:
-    """Build a realistic demo source, start local workers, run `modmon` and print the report."""
+    """Build a realistic demo source, start local workers, run a migration (`modmon`) and print the report."""
     from producer.demo import run_demo
 
     verdict = run_demo(settings, console, **options)

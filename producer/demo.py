@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -18,11 +19,16 @@ from producer.local_workers import LocalWorkers, start_flower
 from producer.progress import follow
 
 DEFAULT_DEMO_URL = "postgresql://postgres@127.0.0.1:5432/shuttle_demo"
+DEFAULT_MODELS_DIR = "/tmp/shuttle-demo-models"
 
 
 def run_demo(settings: Settings, console: Console, *, rows: int, deployments: int, workers: int, chunk_rows: int,
-             source_url: str | None, flower_url: str | None, skip_data: bool) -> str:
+             source_url: str | None, flower_url: str | None, skip_data: bool, migration: str = "modmon",
+             models_dir: str = DEFAULT_MODELS_DIR) -> str:
     """Returns the verdict."""
+    if migration == "model-files":
+        return _model_files_demo(settings, console, workers=workers, flower_url=flower_url, skip_data=skip_data,
+                                 models_dir=Path(models_dir), target_url=settings.target_url or DEFAULT_DEMO_URL)
     url = source_url or settings.source_url or DEFAULT_DEMO_URL
     settings = settings.model_copy(update={"source_url": url, "target_url": settings.target_url or url})
     if not skip_data:
@@ -48,6 +54,42 @@ def run_demo(settings: Settings, console: Console, *, rows: int, deployments: in
         display.show_report(console, report)
         console.print(f"\nnext: `shuttle report {run.run_id} --json`, `shuttle verify {run.run_id}`, "
                       f"then `shuttle purge modmon --before 2026-06-04 --dry-run`")
+        return report["verdict"]
+    finally:
+        if workers:
+            pool.stop()
+        if flower is not None:
+            os.killpg(flower.pid, signal.SIGTERM)
+
+
+def _model_files_demo(settings: Settings, console: Console, *, workers: int, flower_url: str | None,
+                      skip_data: bool, models_dir: Path, target_url: str) -> str:
+    """A generated tree of joblib files (scikit-learn, from the `dev` extra) → the `models` table."""
+    from common.connectors.postgres import create_database
+
+    if not skip_data:
+        from common.migrations.model_files_fixtures import build_tree
+
+        console.print(f"writing demo model files under {models_dir} …")
+        tree = build_tree(models_dir, names=30)
+        console.print(f"  {tree.files} joblib and pickle files, {len(tree.names)} model names")
+    create_database(target_url)
+    settings = settings.model_copy(update={"source_url": f"file://{models_dir}", "target_url": target_url})
+    flower = start_flower(settings) if workers else None
+    pool = LocalWorkers(settings, workers, name="demo")
+    try:
+        if workers:
+            console.print(f"starting {workers} local worker processes …")
+            pool.__enter__()
+        run = commands.start_run(settings, "model-files", Selection(), 1000, settings.max_rejects)
+        console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} files in {run.chunk_count} chunks; "
+                      f"Flower: {flower_url or settings.flower_url}")
+        with commands.open_ledger(settings) as ledger:
+            report: dict[str, Any] = follow(console, ledger, run.run_id,
+                                            lambda rid: commands.finalize_here(settings, ledger, rid))
+        display.show_report(console, report)
+        console.print(f"\nnext: `shuttle models list --target-url {mask(target_url)}`; run the demo again with "
+                      "--skip-data: nothing is stored twice")
         return report["verdict"]
     finally:
         if workers:

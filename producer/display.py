@@ -162,3 +162,18 @@ def _size(n: int) -> str:
             return f"{n:,.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return f"{n} B"
+
+
+def show_versions(console: Console, versions: list, title: str) -> None:
+    """Versions of the `models` table (common.model_store.Version), one row each."""
+    table = Table(title=title)
+    for col, justify in (("name", "left"), ("event", "left"), ("model type", "left"), ("version", "right"),
+                         ("active", "left"), ("bytes", "right"), ("created", "left"), ("sha256", "left"),
+                         ("source", "left")):
+        table.add_column(col, justify=justify)
+    for v in versions:
+        table.add_row(escape(v.name), escape(v.event), escape(v.model_type), str(v.version), "yes" if v.is_active else "no",
+                      f"{v.size:,}", f"{v.created_at:%Y-%m-%d %H:%M:%S}", v.content_hash[:12] if v.content_hash else "",
+                      escape(v.source_path or ""))
+    console.print(table)
+    console.print(f"{len(versions)} versions")

@@ -11,6 +11,7 @@ CATALOGUE: dict[str, str] = {
     "modmon": "common.migrations.modmon:Modmon",
     "mlflow-latest-metrics": "common.migrations.mlflow_latest_metrics:LatestMetrics",
     "mlflow-to-mongo": "common.migrations.mlflow_to_mongo:MlflowToMongo",
+    "model-files": "common.migrations.model_files:ModelFiles",
 }
 
 

@@ -19,11 +19,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pymongo
 
+from common.migrations import migration_class
+from common.migrations.model_files_fixtures import build_tree
 from common.migrations.modmon import Modmon
 from producer.local_workers import LocalWorkers
 from tests.harness import Env
@@ -239,6 +242,58 @@ class LatestMetricsCase(PostgresTargetCase):
     def cleanup(self) -> None:
         with psycopg.connect(self.env.source_url, autocommit=True) as conn:
             for name in self.schemas:
+                conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+class ModelFilesCase(PostgresTargetCase):
+    """A generated tree of joblib files (two of them bad on purpose) as source; each target is a schema
+    with its own `models` table. A chunk is one model name, so `--chunk-rows` changes nothing here."""
+
+    migration = "model-files"
+    chunk_rows = 1000
+    small_chunk_rows = 1000
+    target_tables = ("models",)
+    BAD = {"zz_bad__e__corrupt.joblib": b"<html>not a model</html>", "zz_bad__e__empty.pkl": b""}
+
+    def __init__(self, env: Env, root: Path) -> None:
+        super().__init__(env)
+        self.target_database = database_of(env.source_url)
+        self.pg_databases = (self.target_database,)
+        # 150 names → 151 chunks: enough that a cancel lands while most of the run is still queued, the
+        # chunk size being one name whatever --chunk-rows says.
+        self.tree = build_tree(root, names=150, events=("signup",), model_types=("classifier_binary", "regression"))
+        for name, data in self.BAD.items():
+            (root / name).write_bytes(data)
+        self.schemas: list[str] = []
+
+    def target_args(self, name: str) -> tuple[str, ...]:
+        self.schemas.append(name)
+        return ("--source-url", f"file://{self.tree.root}", "--target-url", self.env.source_url,
+                "--target-schema", name)
+
+    def prepare_target(self, name: str) -> None:
+        """The `models` table in schema `name`, so it can be held before the run starts."""
+        cls = migration_class(self.migration)
+        migration = cls(f"file://{self.tree.root}", self.env.source_url, cls.plan_options(target_schema=name))
+        try:
+            migration.prepare_target()
+        finally:
+            migration.close()
+
+    def checksum(self, name: str) -> str:
+        """Everything but the id and created_at, which a database assigns on every insert."""
+        return self.env.sql(
+            "SELECT coalesce(md5(string_agg(concat_ws('|', name, version, event, model_type, is_active, content_hash,"
+            f" source_path, md5(model_binary)), ',' ORDER BY name, version)), '') FROM {name}.models")[0][0]
+
+    def expected(self) -> Expected:
+        files = self.tree.files
+        return Expected(files + len(self.BAD), tuple(sorted(str(self.tree.root / n) for n in self.BAD)),
+                        {"models": files})
+
+    def cleanup(self) -> None:
+        with psycopg.connect(self.env.source_url, autocommit=True) as conn:
+            for name in set(self.schemas):
                 conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 

@@ -18,7 +18,7 @@ import redis
 
 from common.migrations.modmon_fixtures import build_source
 from tests.conftest import REDIS_BASE, create_db, drop_db
-from tests.faults.cases import Case, LatestMetricsCase, ModmonCase, MongoCase
+from tests.faults.cases import Case, LatestMetricsCase, ModelFilesCase, ModmonCase, MongoCase
 from tests.harness import Env
 from tests.mongo_server import REAL_MONGO_URI, NxServer
 
@@ -127,7 +127,15 @@ def mongo_case(mlflow_env: Env) -> Iterator[MongoCase]:
         case.server.cleanup()
 
 
-CASES = {"modmon": "modmon_case", "mlflow-latest-metrics": "latest_case", "mlflow-to-mongo": "mongo_case"}
+@pytest.fixture(scope="session")
+def model_files_case(faults: Env, tmp_path_factory) -> Iterator[ModelFilesCase]:
+    case = ModelFilesCase(faults, tmp_path_factory.mktemp("fault-models") / "models")
+    yield case
+    case.cleanup()
+
+
+CASES = {"modmon": "modmon_case", "mlflow-latest-metrics": "latest_case", "mlflow-to-mongo": "mongo_case",
+         "model-files": "model_files_case"}
 
 
 @pytest.fixture(scope="session", params=list(CASES))
