@@ -211,19 +211,22 @@ class Ledger:
                 return Skipped(f"held by {row['worker']} (heartbeat {max(0.0, float(silent)):.0f}s ago)")
             token = secrets.token_hex(8)
             conn.execute(chunks.update().where(chunks.c.chunk_id == chunk_id).values(
-                state="running", attempts=chunks.c.attempts + 1, worker=worker, error=None, attempt=token,
+                state="running", attempts=chunks.c.attempts + 1, worker=worker, error=None, attempt=token, rows_done=0,
                 heartbeat_at=sa.func.now(), started_at=sa.func.now()))
             run = conn.execute(sa.select(runs).where(runs.c.run_id == row["run_id"])).mappings().one()
             return Claim(_run_record(run), chunk_record(row), token)
 
-    def heartbeat(self, chunk_id: str, token: str, extend_s: float = 0.0) -> bool:
-        """Renew the attempt's hold (for `extend_s` more seconds, e.g. a retry's backoff); False when
-        the attempt no longer holds the chunk (a sweeper gave it to another)."""
+    def heartbeat(self, chunk_id: str, token: str, extend_s: float = 0.0, rows_done: int | None = None) -> bool:
+        """Renew the attempt's hold (for `extend_s` more seconds, e.g. a retry's backoff), with the rows it
+        has read so far when given; False when the attempt no longer holds the chunk (a sweeper gave it
+        to another)."""
+        values: dict[str, Any] = {"heartbeat_at": sa.func.now() + seconds(extend_s)}
+        if rows_done is not None:
+            values["rows_done"] = rows_done
         with self.transaction() as conn:
             held = conn.execute(chunks.update().where(
                 chunks.c.chunk_id == chunk_id, chunks.c.attempt == token, chunks.c.state == "running")
-                .values(heartbeat_at=sa.func.now() + seconds(extend_s))
-                .returning(chunks.c.chunk_id)).first()
+                .values(**values).returning(chunks.c.chunk_id)).first()
         return held is not None
 
     def record_outcome(self, chunk: ChunkRecord, token: str, outcome: ChunkOutcome, duration_s: float) -> Recorded:

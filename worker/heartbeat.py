@@ -17,7 +17,10 @@ log = logging.getLogger("shuttle.worker")
 
 
 class Heartbeat:
-    """`with Heartbeat(ledger, chunk_id, token, interval):` beats every `interval` seconds until the block ends."""
+    """`with Heartbeat(ledger, chunk_id, token, interval):` beats every `interval` seconds until the block ends.
+
+    Each beat also records the rows read so far (`rows`), so `watch` and the metrics see a chunk move
+    before it ends, from the ledger alone."""
 
     def __init__(self, ledger: Ledger, chunk_id: str, token: str, interval: float) -> None:
         self.ledger = ledger
@@ -25,6 +28,7 @@ class Heartbeat:
         self.token = token
         self.interval = interval
         self.lost = False  # the sweeper gave the chunk to another attempt: this one will record nothing
+        self.rows = 0  # rows read so far, set by the chunk's progress; each beat carries it to the ledger
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat {chunk_id}", daemon=True)
 
@@ -40,7 +44,7 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                if not self.ledger.heartbeat(self.chunk_id, self.token) and not self.lost:
+                if not self.ledger.heartbeat(self.chunk_id, self.token, rows_done=self.rows) and not self.lost:
                     self.lost = True
                     log.warning("chunk %s: this attempt no longer holds it (sent again after going silent); "
                                 "its outcome will not be recorded", self.chunk_id)

@@ -57,8 +57,12 @@ def run_chunk(context: WorkerContext, chunk_id: str, progress: Callable[[int, in
     started = time.monotonic()
     try:
         migration = context.migration_for(claim.run)
-        with Heartbeat(ledger, chunk_id, claim.token, settings.heartbeat_interval):
-            outcome = migration.run_chunk(claim.chunk.spec, lambda rows: progress(rows, claim.chunk.spec.est_rows))
+        with Heartbeat(ledger, chunk_id, claim.token, settings.heartbeat_interval) as heartbeat:
+            def report(rows: int) -> None:
+                heartbeat.rows = rows
+                progress(rows, claim.chunk.spec.est_rows)
+
+            outcome = migration.run_chunk(claim.chunk.spec, report)
     except TransientError as exc:
         raise RetryChunk(claim.token, exc) from None
     except Exception as exc:  # noqa: BLE001 - any other error is final for this chunk: record it
@@ -102,11 +106,13 @@ def hold_for_retry(context: WorkerContext, chunk_id: str, token: str | None, cou
 
 
 def holder_gone(worker: str) -> bool:
-    """Whether the worker named in the ledger (host:pid) is a process of this host that no longer runs.
+    """Whether the worker named in the ledger (`name@host:pid`, or `host:pid` before workers had names)
+    is a process of this host that no longer runs.
 
     Lets a chunk whose pool process was killed be taken over at once on redelivery, rather than after
     its heartbeat goes stale."""
-    host, _, pid = worker.rpartition(":")
+    node, _, pid = worker.rpartition(":")
+    host = node.rpartition("@")[2]
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
