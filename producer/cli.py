@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -285,6 +286,30 @@ def purge(settings: Settings, migration: str, purge_all: bool, before: datetime 
             console.print(f"{partition}: {outcome}")
     console.print(f"{verb} {total:,} rows in total")
     sys.exit(0 if all(isinstance(v, int) for v in result.values()) else 1)
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=9808, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for Prometheus on another host or container).")
+@click.option("--window-hours", type=click.FloatRange(min=0), default=24.0, show_default=True,
+              help="Export runs still open and those created this many hours ago or later.")
+@settings_options
+def metrics(settings: Settings, port: int, address: str, window_hours: float) -> None:
+    """Serve Prometheus metrics of the runs (rows, chunks, progress, durations), read from the ledger."""
+    from common.metrics import serve
+
+    with commands.open_ledger(settings) as ledger:
+        server = serve(ledger, port, address, window_hours)
+        err_console.print(f"run metrics of ledger {ledger.public_url} at http://{address}:{port}/metrics "
+                          "(Ctrl-C stops)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.shutdown()
 
 
 @cli.command()
