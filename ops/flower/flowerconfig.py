@@ -18,7 +18,7 @@ import os
 import tornado.web
 from flower.views import monitor
 
-tasks_columns = "name,uuid,state,args,result,received,started,runtime,worker,retries"
+tasks_columns = "name,state,args,result,runtime,worker,retries,received,uuid"  # uuid (the chunk id) links the task page
 persistent = True
 db = os.environ.get("FLOWER_DB", "/tmp/shuttle-flower.db")
 state_save_interval = 60_000  # ms
