@@ -105,3 +105,16 @@ class Broker:
         except Exception:  # noqa: BLE001 - only informational
             return []
         return sorted(name for reply in replies for name in reply)
+
+    def workers_consuming(self, timeout: float = 2.0) -> list[str] | None:
+        """Names of live workers that consume this queue; None when the broker cannot be asked.
+
+        One broadcast answered by every worker with the queues it reads: a worker of another queue, or
+        one that is gone, is not counted."""
+        try:
+            replies = self.app.control.inspect(timeout=timeout).active_queues() or {}
+        except Exception as exc:  # noqa: BLE001 - unknown is said as None: the caller then warns of nothing
+            log.debug("broker %s: workers could not be asked (%s)", mask(self.settings.broker_url), mask(str(exc)))
+            return None
+        return sorted(name for name, queues in replies.items()
+                      if any(q.get("name") == self.settings.queue for q in queues or []))

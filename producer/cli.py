@@ -29,6 +29,7 @@ from common.sweeper import Sweeper
 from common.urls import mask, normalize
 from producer import commands, display
 from producer.progress import follow
+from producer.worker_watch import WorkerWatch
 
 MULTI_VALUE_OPTIONS = ("--deployment-ids", "--partitions", "--experiment-ids", "--model-names")
 console = Console(highlight=False)
@@ -170,7 +171,8 @@ def run(settings: Settings, migration: str, selection: Selection, chunk_rows: in
     record = commands.start_run(settings, migration, selection, chunk_rows or settings.chunk_rows,
                                 max_rejects if max_rejects is not None else settings.max_rejects, **flags)
     err_console.print(f"run [bold]{record.run_id}[/]: {record.total_rows:,} rows in {record.chunk_count} chunks "
-                      f"enqueued; watch in Flower at {mask(settings.flower_url)} or with `shuttle watch {record.run_id}`")
+                      f"enqueued; watch in Flower at {mask(settings.flower_url)} or with `shuttle watch {record.run_id}`",
+                      soft_wrap=True)
     if wait:
         _follow_and_exit(settings, record.run_id, as_json)
     console.print(record.run_id)
@@ -337,9 +339,15 @@ def _follow_and_exit(settings: Settings, run_id: str, as_json: bool) -> None:
         run = commands.require_run(ledger, run_id)
         broker = Broker(settings.model_copy(update={"queue": run.queue}))
         try:
-            body = follow(err_console if as_json else console, ledger, run_id,
-                          lambda rid: commands.finalize_here(settings, ledger, rid),
-                          Sweeper(ledger, broker, broker.settings) if settings.sweeper else None)
+            with WorkerWatch(broker) as workers:
+                body = follow(err_console if as_json else console, ledger, run_id,
+                              lambda rid: commands.finalize_here(settings, ledger, rid),
+                              Sweeper(ledger, broker, broker.settings) if settings.sweeper else None, workers)
+        except KeyboardInterrupt:
+            err_console.print(f"\nstopped watching; run {run_id} goes on in the workers. "
+                              f"`shuttle watch {run_id}` follows it again, `shuttle cancel {run_id}` stops it",
+                              soft_wrap=True)
+            sys.exit(130)
         finally:
             broker.close()
     _print_report(body, as_json)
@@ -409,9 +417,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         require_utf8(raw)
         cli.main(args=expand_multi_values(raw), prog_name="shuttle", standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(1)
+    except click.exceptions.Abort:  # Ctrl-C (click turns it into Abort) or a declined question
+        err_console.print("aborted; anything already enqueued goes on in the workers (`shuttle status` lists the "
+                          "runs, `shuttle cancel RUN` stops one)", soft_wrap=True)
+        sys.exit(130 if isinstance(sys.exc_info()[1].__context__, KeyboardInterrupt) else 1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

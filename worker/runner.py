@@ -93,14 +93,16 @@ def fail_chunk(context: WorkerContext, chunk_id: str, token: str | None, error: 
     return _record_failure(context, chunk, token, error) if chunk and token else False
 
 
-def hold_for_retry(context: WorkerContext, chunk_id: str, token: str | None, countdown: float) -> None:
-    """Keep the claim through a retry's backoff, so the sweeper does not take the chunk for stale meanwhile.
+def hold_for_retry(context: WorkerContext, chunk_id: str, token: str | None, countdown: float,
+                   error: str = "") -> None:
+    """Keep the claim through a retry's backoff, so the sweeper does not take the chunk for stale meanwhile,
+    and note the error it retries after, so `watch` can say why it is retrying.
 
     Best effort: if the ledger cannot be reached, the chunk may be sent again once stale, which is safe."""
     if token is None:
         return
     try:
-        context.ledger.heartbeat(chunk_id, token, extend_s=countdown)
+        context.ledger.heartbeat(chunk_id, token, extend_s=countdown, error=f"retrying after: {error}")
     except TransientError as exc:
         log.warning("Worker %s: chunk %s: claim not extended for the retry (%s)", context.name, chunk_id, exc)
 

@@ -48,7 +48,7 @@ def copy_chunk(self: Task, run_id: str, chunk_id: str, reclaim: str | None = Non
                 log.error("Worker %s: chunk %s not marked failed: %s", context.name, chunk_id, again.cause)
             raise ChunkFailed(message) from None
         countdown = _backoff(self.request.retries)
-        hold_for_retry(context, chunk_id, retry.token, countdown)
+        hold_for_retry(context, chunk_id, retry.token, countdown, str(retry.cause))
         log.warning("Worker %s: chunk %s transient error, retrying in %.0fs: %s", context.name, chunk_id,
                     countdown, retry.cause)
         raise self.retry(exc=retry.cause, countdown=countdown, kwargs={"reclaim": retry.token},
