@@ -132,9 +132,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command()
-def migrations() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def migrations(as_json: bool) -> None:
     """List the migrations in the catalogue."""
-    display.show_migrations(console)
+    if as_json:
+        click.echo(json.dumps(display.migrations_data(), indent=2))
+    else:
+        display.show_migrations(console)
 
 
 @cli.command()
@@ -185,7 +189,8 @@ def status(settings: Settings, run_id: str | None) -> None:
     """Recent runs, or where one run stands."""
     with commands.open_ledger(settings) as ledger:
         if run_id is None:
-            display.show_runs(console, ledger.latest_runs())
+            recent = ledger.latest_runs()
+            display.show_runs(console, recent, ledger.verdicts([r.run_id for r in recent]))
             return
         run = commands.require_run(ledger, run_id)
         display.show_progress(console, run, ledger.progress(run_id))

@@ -1,4 +1,8 @@
-"""How the CLI shows plans, runs, reports and checks (rich tables; --json where scripts read)."""
+"""How the CLI shows plans, runs, reports and checks (rich tables; --json where scripts read).
+
+Everything fits the console's width, 80 columns included: wide columns fold rather than cut, and ids
+(runs, chunks, migrations) are never cut, so they can be copied.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +20,26 @@ from producer.planner import Plan
 VERDICT_STYLE = {"clean": "bold green", "failed": "bold red", "cancelled": "yellow", "running": "cyan"}
 
 
+def migrations_data() -> list[dict[str, str]]:
+    """The catalogue as `shuttle migrations --json` prints it."""
+    return [{"name": m.name, "source": m.source_kind, "target": m.target_kind, "partition_by": m.partition_label,
+             "status": m.status, "summary": m.summary} for m in all_migrations()]
+
+
 def show_migrations(console: Console) -> None:
+    """The catalogue; narrower than 120 columns, partition and status go (`--json` has them)."""
     table = Table(title="Shuttle migrations")
-    for col in ("name", "source → target", "partition by", "status", "what it does"):
-        table.add_column(col)
-    for m in all_migrations():
-        table.add_row(m.name, f"{m.source_kind} → {m.target_kind}", m.partition_label, m.status, m.summary)
+    names = migrations_data()
+    wide = console.width >= 120
+    table.add_column("name", no_wrap=True, min_width=max((len(m["name"]) for m in names), default=4))
+    table.add_column("source → target", no_wrap=True)
+    if wide:
+        table.add_column("partition by")
+        table.add_column("status")
+    table.add_column("what it does", ratio=1)
+    for m in names:
+        extra = [m["partition_by"], m["status"]] if wide else []
+        table.add_row(m["name"], f"{m['source']} → {m['target']}", *extra, m["summary"])
     console.print(table)
 
 
@@ -41,13 +59,29 @@ def show_plan(console: Console, plan: Plan, workers: int) -> None:
                   f"{_duration(plan.estimated_seconds(workers))} with {workers} worker process(es)")
 
 
-def show_runs(console: Console, runs: list[RunRecord]) -> None:
+def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str]) -> None:
+    """Recent runs; on a narrow console the creation time goes and the target folds, the run id stays whole."""
     table = Table(title="Recent runs")
-    for col in ("run", "migration", "status", "rows", "chunks", "created"):
-        table.add_column(col)
+    wide = console.width >= 140
+    table.add_column("run", no_wrap=True, min_width=max((len(r.run_id) for r in runs), default=3))
+    table.add_column("verdict" if not wide else "status / verdict", no_wrap=True)
+    table.add_column("rows", justify="right", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("target", overflow="fold", ratio=1)
+    if wide:
+        table.add_column("created", no_wrap=True)
     for r in runs:
-        table.add_row(r.run_id, r.migration, r.status, f"{r.total_rows:,}", str(r.chunk_count),
-                      f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "")
+        verdict = verdicts.get(r.run_id, "")
+        style = VERDICT_STYLE.get(verdict, "")
+        shown = f"[{style}]{verdict}[/]" if verdict and style else r.status
+        if wide and verdict:
+            shown = f"{r.status} / {shown}"
+        took = _duration((r.finished_at - r.created_at).total_seconds()) if r.finished_at and r.created_at else ""
+        target = r.target_url or ""
+        cells = [r.run_id, shown, f"{r.total_rows:,}", took, escape(target if wide else _short_url(target))]
+        if wide:
+            cells.append(f"{r.created_at:%Y-%m-%d %H:%M}" if r.created_at else "")
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -109,6 +143,10 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
     if storage.get("source_bytes"):
         console.print(f"storage: target {_size(storage['target_bytes'])} vs source {_size(storage['source_bytes'])} "
                       f"({100 * storage['target_bytes'] / storage['source_bytes']:.1f}%)")
+    for chunk in report.get("failed_chunks", []):
+        console.print(f"[red]failed[/] {escape(chunk['chunk_id'])} (attempt {chunk['attempts']}, "
+                      f"{escape(chunk['worker'] or 'no worker')}): {escape(chunk['error'] or 'no error recorded')}",
+                      overflow="fold")
     for action in report.get("actions", []):
         console.print(f"action: {action}")
     console.print(f"verdict: [{VERDICT_STYLE.get(verdict, 'bold')}]{verdict}[/] — {escape(report['verdict_reason'])}")
@@ -118,19 +156,29 @@ def show_check_summary(console: Console, checks: list[dict[str, Any]]) -> None:
     """One line per checked entity (table, reference, sample): ✅ when every partition of it holds."""
     by_entity: dict[str, dict[str, Any]] = {}
     for c in checks:
-        e = by_entity.setdefault(c["entity"], {"source": 0, "target": 0, "rejected": 0, "ok": True, "detail": ""})
+        e = by_entity.setdefault(c["entity"], {"source": 0, "target": 0, "rejected": 0, "ok": True, "detail": "",
+                                               "failing": [], "partitions": 0})
         e["source"] += c["source_rows"]
         e["target"] += c["target_rows"]
         e["rejected"] += c["rejected_rows"]
+        e["partitions"] += 1
         e["ok"] = e["ok"] and c["ok"]
+        if not c["ok"]:
+            e["failing"].append(c)
         e["detail"] = e["detail"] or ("" if c["ok"] and c["partition"] != "warning" else c["detail"])
+    for e in by_entity.values():
+        if len(e["failing"]) > 1:  # every failing partition counts, not only the first one's gap
+            bad = e["failing"]
+            e["detail"] = (f"{len(bad)} of {e['partitions']} partitions disagree: source "
+                           f"{sum(c['source_rows'] for c in bad):,}, target {sum(c['target_rows'] for c in bad):,}, "
+                           f"rejected {sum(c['rejected_rows'] for c in bad):,} in them; first: {bad[0]['detail']}")
     table = Table(title="Verification per table")
     for col, justify in (("", "left"), ("table / check", "left"), ("source", "right"), ("target", "right"),
                          ("rejected", "right"), ("detail", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, overflow="fold")
     for entity, e in by_entity.items():
         table.add_row("✅" if e["ok"] else "❌", entity, f"{e['source']:,}", f"{e['target']:,}", f"{e['rejected']:,}",
-                      e["detail"][:80])
+                      escape(e["detail"]))
     console.print(table)
 
 
@@ -143,6 +191,12 @@ def show_checks(console: Console, checks: list[Check]) -> None:
         table.add_row(c.entity, c.partition, f"{c.source_rows:,}", f"{c.target_rows:,}", f"{c.rejected_rows:,}",
                       "✅" if c.ok else "❌", escape(c.detail))
     console.print(table)
+
+
+def _short_url(url: str) -> str:
+    """`host:port/database` of a URL (its scheme and user dropped), for narrow tables."""
+    rest = url.split("://", 1)[-1]
+    return rest.rpartition("@")[2]
 
 
 def _duration(seconds: float) -> str:
