@@ -49,6 +49,19 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def database_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--source-url / --target-url for commands that reach a run's databases: the run's ledger records
+    where they are, without passwords; these (or the config file, the environment, PGPASSFILE) supply them."""
+    @click.option("--source-url", callback=_url_flag, help="Source URL with its password, if the run's needs one "
+                  "[SHUTTLE_SOURCE_URL].")
+    @click.option("--target-url", callback=_url_flag, help="Target URL with its password [SHUTTLE_TARGET_URL].")
+    @wraps(func)
+    def wrapper(settings: Settings, *args: Any, source_url: str | None, target_url: str | None, **kwargs: Any) -> Any:
+        update = {k: v for k, v in (("source_url", source_url), ("target_url", target_url)) if v}
+        return func(settings.model_copy(update=update) if update else settings, *args, **kwargs)
+    return wrapper
+
+
 def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """What to migrate and where; migration-specific flags reach the migration's `plan_options`."""
     @click.option("--deployment-ids", "--partitions", "--experiment-ids", "partitions", multiple=True,
@@ -152,7 +165,7 @@ def plan(settings: Settings, migration: str, selection: Selection, chunk_rows: i
     """Dry run: counts per partition, chunks and estimated time; writes nothing."""
     _defaults_from(settings, flags)
     the_plan = commands.plan(settings, migration, selection, chunk_rows or settings.chunk_rows, **flags)
-    display.show_plan(console, the_plan, workers)
+    display.show_plan(console, the_plan, workers, commands.measured_rate(settings, migration))
 
 
 @cli.command()
@@ -170,7 +183,7 @@ def run(settings: Settings, migration: str, selection: Selection, chunk_rows: in
     _defaults_from(settings, flags)
     if dry_run or settings.dry_run:
         display.show_plan(console, commands.plan(settings, migration, selection, chunk_rows or settings.chunk_rows,
-                                                 **flags), workers=2)
+                                                 **flags), 2, commands.measured_rate(settings, migration))
         return
     record = commands.start_run(settings, migration, selection, chunk_rows or settings.chunk_rows,
                                 max_rejects if max_rejects is not None else settings.max_rejects, **flags)
@@ -202,6 +215,7 @@ def status(settings: Settings, run_id: str | None) -> None:
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @settings_options
+@database_options
 def watch(settings: Settings, run_id: str, as_json: bool) -> None:
     """Follow a run's progress live until it ends, then print its report."""
     _follow_and_exit(settings, run_id, as_json)
@@ -212,6 +226,7 @@ def watch(settings: Settings, run_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--refresh", is_flag=True, help="Rebuild the report from the ledger and the target now.")
 @settings_options
+@database_options
 def report(settings: Settings, run_id: str, as_json: bool, refresh: bool) -> None:
     """The report of a run: counts per entity and partition, rejects, timings, verdict."""
     body = commands.report(settings, run_id, refresh=refresh)
@@ -251,6 +266,7 @@ def resume(settings: Settings, run_id: str, wait: bool, as_json: bool) -> None:
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @settings_options
+@database_options
 def verify(settings: Settings, run_id: str, as_json: bool) -> None:
     """Recount source and target per partition and record the result (purge requires it)."""
     checks = commands.verify(settings, run_id)
@@ -271,6 +287,7 @@ def verify(settings: Settings, run_id: str, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Count what would be purged; delete nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @settings_options
+@database_options
 def purge(settings: Settings, migration: str, purge_all: bool, before: datetime | None,
           partitions: tuple[str, ...], dry_run: bool, yes: bool) -> None:
     """Delete migrated source rows, only for partitions whose migration completed and verified."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator
 
-from common.errors import ConfigError
+from common.errors import ConfigError, ServiceUnavailable
 from common.ledger import Ledger, RunRecord
 from common.migrations import Migration, migration_class
 from common.migrations.base import Check, Selection
@@ -79,6 +79,18 @@ def plan(settings: Settings, name: str, selection: Selection, chunk_rows: int, *
         return make_plan(migration, selection, chunk_rows)
 
 
+def measured_rate(settings: Settings, name: str) -> tuple[float, int] | None:
+    """Rows per second per worker process measured on the migration's past completed runs in the ledger,
+    and over how many runs; None when there are none (or no ledger yet: a plan creates nothing)."""
+    ledger = Ledger(settings.ledger_url)
+    try:
+        return ledger.measured_rate(name)
+    except Exception:  # noqa: BLE001 - no ledger, no schema yet, or unreachable: the plan says it has no measure
+        return None
+    finally:
+        ledger.dispose()
+
+
 def start_run(settings: Settings, name: str, selection: Selection, chunk_rows: int, max_rejects: int | None,
               **flags: Any) -> RunRecord:
     """Plan, record the plan in the ledger, prepare the target, enqueue one task per chunk."""
@@ -120,12 +132,21 @@ def report(settings: Settings, run_id: str, refresh: bool = False) -> dict[str, 
 
 
 def cancel(settings: Settings, run_id: str) -> int:
-    """Skip every queued chunk; running chunks finish their transaction. Returns chunks skipped."""
+    """Skip every queued chunk; running chunks finish their transaction. Returns chunks skipped.
+
+    Needs the ledger alone: when nothing is left running, the coordinator is sent to the workers (and
+    if the broker is away, a sweeper starts it later), so no source or target password is needed here."""
     with open_ledger(settings) as ledger:
-        require_run(ledger, run_id)
+        run = require_run(ledger, run_id)
         skipped = ledger.cancel(run_id)
         if ledger.claim_finalize(run_id):
-            finalize_here(settings, ledger, run_id)
+            broker = Broker(settings.model_copy(update={"queue": run.queue}))
+            try:
+                broker.enqueue_finalize(run_id)
+            except ServiceUnavailable:
+                pass  # the ledger says the coordinator is due: the sweeper of a worker or a `watch` starts it
+            finally:
+                broker.close()
         return skipped
 
 

@@ -43,7 +43,8 @@ def show_migrations(console: Console) -> None:
     console.print(table)
 
 
-def show_plan(console: Console, plan: Plan, workers: int) -> None:
+def show_plan(console: Console, plan: Plan, workers: int, measured: tuple[float, int] | None = None) -> None:
+    """The plan, and an estimate from the rate past runs of this migration measured (or none, said so)."""
     table = Table(title=f"Plan for {plan.migration} (dry run: nothing written)")
     table.add_column("partition")
     table.add_column("entity")
@@ -55,8 +56,15 @@ def show_plan(console: Console, plan: Plan, workers: int) -> None:
     for p in plan.partitions:
         table.add_row(p.partition, p.entity, f"{p.rows:,}", str(per_partition.get(p.partition, 0)))
     console.print(table)
-    console.print(f"{plan.total_rows:,} rows in {len(plan.chunks)} chunks; estimated "
-                  f"{_duration(plan.estimated_seconds(workers))} with {workers} worker process(es)")
+    console.print(f"{plan.total_rows:,} rows in {len(plan.chunks)} chunks")
+    if measured is None:
+        console.print(f"no estimate: no completed run of {plan.migration} in the ledger to measure a rate from "
+                      "(the first run's report gives one)")
+        return
+    rate, runs = measured
+    console.print(f"estimated {_duration(plan.total_rows / (rate * max(1, workers)))} with {workers} worker "
+                  f"process(es), at the {rate:,.0f} rows/s per process measured over the last {runs} completed "
+                  f"run(s) of {plan.migration}")
 
 
 def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str]) -> None:
