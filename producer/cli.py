@@ -347,6 +347,8 @@ def metrics(settings: Settings, port: int, address: str, window_hours: float) ->
               help="Where to build the demo source [postgresql://postgres@127.0.0.1:5432/shuttle_demo].")
 @click.option("--flower-url", help="Flower address to print [SHUTTLE_FLOWER_URL].")
 @click.option("--skip-data", is_flag=True, help="Reuse the demo source already built.")
+@click.option("--keep-flower/--stop-flower", default=True, show_default=True,
+              help="Leave the Flower the demo started running, to look at the run afterwards.")
 @settings_options
 def demo(settings: Settings, **options: Any) -> None:
     """Build a realistic demo source, start local workers, run `modmon` and print the report."""

@@ -21,8 +21,9 @@ DEFAULT_DEMO_URL = "postgresql://postgres@127.0.0.1:5432/shuttle_demo"
 
 
 def run_demo(settings: Settings, console: Console, *, rows: int, deployments: int, workers: int, chunk_rows: int,
-             source_url: str | None, flower_url: str | None, skip_data: bool) -> str:
-    """Returns the verdict."""
+             source_url: str | None, flower_url: str | None, skip_data: bool, keep_flower: bool = True) -> str:
+    """Returns the verdict. The Flower it started stays up (unless told otherwise), so its address still
+    answers once the report is read."""
     url = source_url or settings.source_url or DEFAULT_DEMO_URL
     settings = settings.model_copy(update={"source_url": url, "target_url": settings.target_url or url})
     if not skip_data:
@@ -52,5 +53,8 @@ def run_demo(settings: Settings, console: Console, *, rows: int, deployments: in
     finally:
         if workers:
             pool.stop()
-        if flower is not None:
+        if flower is not None and keep_flower:
+            console.print(f"Flower stays up at {mask(flower_url or settings.flower_url)} with this run's tasks "
+                          f"(`kill {flower.pid}` stops it)", soft_wrap=True)
+        elif flower is not None:
             os.killpg(flower.pid, signal.SIGTERM)
