@@ -21,6 +21,7 @@ from common.errors import ServiceUnavailable, TransientError
 from common.ledger_schema import (SCHEMA, TERMINAL_CHUNK_STATES, add_missing_columns, chunks, events, metadata,
                                   rejects, reports, runs, verifications)
 from common.model import ChunkOutcome, ChunkSpec, WriteCounts
+from common.service_errors import service_unavailable
 from common.urls import mask, sqlalchemy_url
 
 RAW_EXCERPT_CHARS = 500
@@ -132,7 +133,11 @@ class Ledger:
         several processes start at once."""
         from common.connectors.postgres import create_database
 
-        create_database(self._url)
+        try:
+            create_database(self._url)
+        except ServiceUnavailable as exc:
+            detail = str(exc).split(" is unreachable: ", 1)[-1]
+            raise service_unavailable("ledger", self.public_url, detail) from None
         try:
             with self.engine.begin() as conn:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('shuttle.ledger.schema'))"))
@@ -140,9 +145,7 @@ class Ledger:
                 metadata.create_all(conn, checkfirst=True)
                 add_missing_columns(conn)
         except sa.exc.OperationalError as exc:
-            raise ServiceUnavailable(
-                f"ledger database {self.public_url} is unreachable: {_first_line(exc)}; "
-                "check SHUTTLE_LEDGER_URL and that PostgreSQL is running") from None
+            raise service_unavailable("ledger", self.public_url, _first_line(exc)) from None
 
     def dispose(self) -> None:
         self.engine.dispose()

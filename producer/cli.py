@@ -206,9 +206,9 @@ def status(settings: Settings, run_id: str | None) -> None:
             display.show_runs(console, recent, ledger.verdicts([r.run_id for r in recent]))
             return
         run = commands.require_run(ledger, run_id)
-        display.show_progress(console, run, ledger.progress(run_id))
-        for chunk in ledger.chunks_of(run_id, states=["failed"])[:10]:
-            console.print(f"  failed {chunk.chunk_id}: {escape(ledger.get_chunk_error(chunk.chunk_id) or '')}")
+        display.show_progress(console, run, ledger.progress(run_id), ledger.verdicts([run_id]).get(run_id))
+        for chunk in ledger.failed_chunks(run_id)[:10]:
+            console.print(f"  failed {chunk['chunk_id']}: {escape(chunk['error'] or '')}", soft_wrap=True)
 
 
 @cli.command()

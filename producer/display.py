@@ -6,6 +6,7 @@ Everything fits the console's width, 80 columns included: wide columns fold rath
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from rich.console import Console
@@ -93,11 +94,22 @@ def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str])
     console.print(table)
 
 
-def show_progress(console: Console, run: RunRecord, progress: Progress) -> None:
-    pct = 100 * progress.rows_done / progress.total_rows if progress.total_rows else 100.0
+def show_progress(console: Console, run: RunRecord, progress: Progress, verdict: str | None = None) -> None:
+    """Where one run stands: rows (in flight included), chunk states, verdict, duration and target."""
+    rows = min(progress.total_rows, progress.rows_done + progress.rows_in_flight)
+    pct = 100 * rows / progress.total_rows if progress.total_rows else 100.0
     states = ", ".join(f"{n} {s}" for s, n in sorted(progress.chunks.items()))
-    console.print(f"[bold]{run.run_id}[/] ({run.migration}) {run.status}: {progress.rows_done:,} of "
-                  f"{progress.total_rows:,} rows ({pct:.1f}%); chunks: {states or 'none'}")
+    took = ""
+    if run.created_at:
+        end = run.finished_at or datetime.now(timezone.utc)
+        took = f"; {'took' if run.finished_at else 'running for'} {_duration((end - run.created_at).total_seconds())}"
+    shown = f"[{VERDICT_STYLE.get(verdict, 'bold')}]{verdict}[/]" if verdict else run.status
+    console.print(f"[bold]{run.run_id}[/] ({run.migration}) {shown}: {rows:,} of {progress.total_rows:,} rows "
+                  f"({pct:.1f}%){took}; chunks: {states or 'none'}", soft_wrap=True)
+    console.print(f"target {escape(run.target_url or '')}", soft_wrap=True)
+    for retrying in progress.retrying:
+        console.print(f"  retrying {retrying.chunk_id} (attempt {retrying.attempt})"
+                      + (f": {escape(retrying.error)}" if retrying.error else ""), soft_wrap=True)
 
 
 def show_report(console: Console, report: dict[str, Any]) -> None:
