@@ -162,6 +162,9 @@ def test_flower_shows_failure_progress_and_labels_and_no_password(observed):
     done = env.shuttle("watch", run_id, "--json", timeout=300)
     report = json.loads(done.stdout)
     assert done.returncode == 1 and report["verdict"] == "failed", report["verdict_reason"]
+    assert list(report)[:3] == ["run_id", "status", "verdict"]
+    assert report["failed_chunks"] and all("poisoned deployment" in c["error"] for c in report["failed_chunks"])
+    assert {c["partition"] for c in report["failed_chunks"]} == {failing}
 
     failed = [c for c in ledger.chunks_of(run_id) if c.spec.partition == failing]
     assert failed and all(c.state == "failed" for c in failed)
