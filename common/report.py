@@ -104,6 +104,18 @@ def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[s
     }
 
 
+READING_ORDER = ("run_id", "status", "verdict", "verdict_reason", "migration", "source", "target", "selection",
+                 "chunks", "totals", "failed_chunks", "rejects", "timing", "storage", "actions", "max_rejects",
+                 "partitions", "checks")
+
+
+def in_reading_order(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with run id, status and verdict first, per-partition detail last. The ledger stores it
+    as JSONB, which keeps no key order, so `--json` puts it back in this order."""
+    known = {key: report[key] for key in READING_ORDER if key in report}
+    return {**known, **{key: value for key, value in report.items() if key not in known}}
+
+
 def _verdict(run: RunRecord, chunks: dict[str, int], finished: bool, totals: dict[str, int],
              checks: list, written: int) -> tuple[str, str]:
     if not finished:

@@ -24,6 +24,7 @@ from rich.markup import escape
 from common.broker import Broker
 from common.errors import ConfigError, ShuttleError
 from common.migrations.base import Selection
+from common.report import in_reading_order
 from common.settings import Settings, load_settings
 from common.sweeper import Sweeper
 from common.urls import mask, normalize
@@ -380,7 +381,7 @@ def _follow_and_exit(settings: Settings, run_id: str, as_json: bool) -> None:
 
 def _print_report(body: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(mask(json.dumps(body, indent=2, default=str)))
+        click.echo(mask(json.dumps(in_reading_order(body), indent=2, default=str)))
     else:
         display.show_report(console, body)
 

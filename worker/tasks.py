@@ -28,7 +28,8 @@ def _backoff(retries: int) -> float:
     return min(settings.retry_backoff_max, 2 ** retries) * random.uniform(0.75, 1.25)
 
 
-@app.task(name=COPY_CHUNK, bind=True, max_retries=settings.task_max_retries)
+# `throws`: a chunk failed for good is an expected outcome, logged as one line, not a traceback.
+@app.task(name=COPY_CHUNK, bind=True, max_retries=settings.task_max_retries, throws=(ChunkFailed,))
 def copy_chunk(self: Task, run_id: str, chunk_id: str, reclaim: str | None = None) -> dict[str, Any]:
     """Copy one chunk; retried with backoff on transient errors only, never on bad data."""
 

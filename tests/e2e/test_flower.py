@@ -199,7 +199,7 @@ def test_flower_shows_failure_progress_and_labels_and_no_password(observed):
     # No password in Flower's pages, API or metrics, the CLI's output, nor any log.
     assert api.get("/metrics", auth=False)[0] == 401, "/metrics is behind the same basic auth"
     code, metrics = api.get("/metrics")
-    assert code == 200 and "flower_events_total" in metrics
+    assert code == 200 and 'type="task-failed"' in metrics, "Flower's metrics count the failed chunks"
     pages = [api.get(p)[1] for p in ("/tasks/datatable?draw=1&start=0&length=1000&search%5Bvalue%5D=",
                                      "/api/tasks?limit=1000", "/api/workers", f"/task/{chunk_id}", "/workers")]
     for text in [*pages, metrics, done.stdout, done.stderr]:
