@@ -6,6 +6,8 @@ authentication failure is named as such, with the setting that holds the credent
 
 from __future__ import annotations
 
+import re
+
 from common.errors import ServiceUnavailable
 
 # What PostgreSQL, Redis and RabbitMQ say when the credentials are the problem, lower-cased.
@@ -32,4 +34,28 @@ def service_unavailable(role: str, public_url: str, detail: str) -> ServiceUnava
         return ServiceUnavailable(f"{role} {public_url}: authentication failed ({detail}); check the user and "
                                   f"password in {setting}")
     return ServiceUnavailable(f"{role} {public_url} is unreachable ({detail}); check {setting} and that the "
+                              "server is running")
+
+
+_DATABASE_FAILURE = re.compile(r"^(source|target) (database|MongoDB) (\S+) is unreachable: (.*?)(; check .*)?$", re.S)
+
+
+def database_settings(role: str, migration: str) -> str:
+    """Where a source or target URL (and its password) is set."""
+    return (f"--{role}-url, SHUTTLE_{role.upper()}_URL or {role}_url in [migrations.{migration}] of the config "
+            "file (PGPASSFILE may hold a PostgreSQL password)")
+
+
+def reword_database_failure(exc: ServiceUnavailable, migration: str) -> ServiceUnavailable:
+    """A source or target that cannot be reached, named with the setting to fix; an authentication
+    failure said as such. Other errors are returned as they are."""
+    found = _DATABASE_FAILURE.match(str(exc))
+    if found is None:
+        return exc
+    role, kind, url, detail, _ = found.groups()
+    setting = database_settings(role, migration)
+    if is_auth_failure(detail):
+        return ServiceUnavailable(f"{role} {kind} {url}: authentication failed ({detail}); check the user and "
+                                  f"password in {setting}")
+    return ServiceUnavailable(f"{role} {kind} {url} is unreachable ({detail}); check {setting} and that the "
                               "server is running")

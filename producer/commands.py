@@ -17,6 +17,7 @@ from common.ledger import Ledger, RunRecord
 from common.migrations import Migration, migration_class
 from common.migrations.base import Check, Selection
 from common.report import RUNNING, build_report, close_run
+from common.service_errors import reword_database_failure
 from common.settings import Settings
 from common.urls import with_password
 from common.broker import Broker
@@ -63,6 +64,14 @@ def migration_of_run(settings: Settings, run: RunRecord) -> Iterator[Migration]:
         migration.close()
 
 
+def check_services(migration: Migration) -> None:
+    """The migration's own check, its errors naming the setting that holds the failing URL."""
+    try:
+        migration.check_services()
+    except ServiceUnavailable as exc:
+        raise reword_database_failure(exc, migration.name) from None
+
+
 def require_run(ledger: Ledger, run_id: str) -> RunRecord:
     run = ledger.get_run(run_id)
     if run is None:
@@ -75,7 +84,7 @@ def plan(settings: Settings, name: str, selection: Selection, chunk_rows: int, *
     """The dry run: counts and chunks; writes nothing to the target or the ledger."""
     options = migration_class(name).plan_options(**flags)
     with open_migration(settings, name, options, flags.get("source_url"), flags.get("target_url")) as migration:
-        migration.check_services()
+        check_services(migration)
         return make_plan(migration, selection, chunk_rows)
 
 
@@ -99,7 +108,7 @@ def start_run(settings: Settings, name: str, selection: Selection, chunk_rows: i
             open_migration(settings, name, options, flags.get("source_url"), flags.get("target_url")) as migration:
         broker = Broker(settings)
         broker.check_reachable()
-        migration.check_services()
+        check_services(migration)
         the_plan = make_plan(migration, selection, chunk_rows)
         migration.prepare_target()
         run = record_run(ledger, the_plan, migration.source_url, migration.target_url, max_rejects, settings.queue)
