@@ -84,7 +84,7 @@ class Recorded:
 
 @dataclass(frozen=True)
 class Retrying:
-    """A running chunk on its second attempt or later, and the error that made it retry."""
+    """A running chunk waiting for its next attempt (`error` says why) or on its second attempt or later."""
 
     chunk_id: str
     attempt: int
@@ -381,8 +381,9 @@ class Ledger:
         done = states.get("done", (0, 0))[1]
         return Progress(total_rows=int(total), rows_done=done, chunks={state: n for state, (n, _) in states.items()},
                         rows_in_flight=sum(int(r.rows_done or 0) for r in running),
-                        retrying=tuple(Retrying(r.chunk_id, int(r.attempts), r.error)
-                                       for r in running if r.attempts > 1))
+                        # Waiting out a retry's backoff (its error noted) or running again after one.
+                        retrying=tuple(Retrying(r.chunk_id, int(r.attempts) + (1 if r.error else 0), r.error)
+                                       for r in running if r.attempts > 1 or r.error))
 
     @staticmethod
     def _chunk_states(conn: sa.Connection, run_id: str) -> dict[str, tuple[int, int]]:

@@ -77,21 +77,37 @@ def observed(e2e, tmp_path_factory):
                   source_url=with_password(e2e.source_url), ledger_url=with_password(e2e.ledger_url),
                   broker_url=with_password(e2e.broker_url))
     port = free_port()
-    flower = start_flower(env.settings(), port=port, log=log_dir / "flower.log",
-                          extra_env={"FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{SECRET}",
-                                     "FLOWER_DB": str(log_dir / "flower.db")})
-    assert flower is not None
     api = FlowerApi(port)
+    flower = Flower(env, port, log_dir)
     try:
-        wait_for(lambda: api.get("/healthcheck", auth=False)[0] == 200, timeout=60, interval=0.3)
+        flower.start()
         with LocalWorkers(env.settings(), 2, name="obs", log_dir=log_dir):
             wait_for(lambda: len(json.loads(api.get("/api/workers?refresh=1")[1] or "{}")) >= 2, timeout=60,
                      interval=0.5)
-            yield env, api
+            yield env, api, flower
     finally:
-        os.killpg(flower.pid, 15)
-        flower.wait(timeout=30)
+        flower.stop()
         redis.Redis.from_url(e2e.broker_url).delete(env.queue)
+
+
+class Flower:
+    """The shipped Flower (ops/flower), with basic auth and its history in the test's directory."""
+
+    def __init__(self, env, port: int, log_dir: Path) -> None:
+        self.env, self.port, self.log_dir = env, port, log_dir
+        self.process = None
+
+    def start(self) -> None:
+        self.process = start_flower(self.env.settings(), port=self.port, log=self.log_dir / "flower.log",
+                                    extra_env={"FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{SECRET}",
+                                               "FLOWER_DB": str(self.log_dir / "flower.db")})
+        assert self.process is not None, f"port {self.port} taken"
+        wait_for(lambda: FlowerApi(self.port).get("/healthcheck", auth=False)[0] == 200, timeout=60, interval=0.3)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            self.process.wait(timeout=30)
 
 
 def poison(env, schema: str, failing: str, retrying: str) -> None:
@@ -124,7 +140,7 @@ def e2e_plain(url: str) -> str:
 
 
 def test_flower_shows_failure_progress_and_labels_and_no_password(observed):
-    env, api = observed
+    env, api, flower = observed
     failing, retrying, fine = env.data.deployments[0], env.data.deployments[1], env.data.deployments[2]
     schema = "flowered"
     poison(env, schema, failing, retrying)
@@ -158,6 +174,12 @@ def test_flower_shows_failure_progress_and_labels_and_no_password(observed):
     finally:
         held.rollback()
         held.close()
+
+    # The chunk retrying a serialization failure is seen as retrying, with its attempt and its error.
+    retrying_now = wait_for(lambda: [r for r in ledger.progress(run_id).retrying if r.error], timeout=60,
+                            interval=0.05)
+    assert retrying_now[0].attempt >= 2 and "try again" in retrying_now[0].error
+    assert chunks[retrying_now[0].chunk_id].spec.partition == retrying
 
     done = env.shuttle("watch", run_id, "--json", timeout=300)
     report = json.loads(done.stdout)
@@ -206,4 +228,10 @@ def test_flower_shows_failure_progress_and_labels_and_no_password(observed):
         assert SECRET not in text
     for log in Path(env.log_dir).glob("*.log"):
         assert SECRET not in log.read_text(errors="replace"), log.name
+
+    # Flower's history survives a restart (persistent state in FLOWER_DB).
+    flower.stop()
+    flower.start()
+    for chunk in failed:
+        assert api.task(chunk.chunk_id).get("state") == "FAILURE"
 
