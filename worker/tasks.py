@@ -47,6 +47,7 @@ def copy_chunk(self: Task, run_id: str, chunk_id: str, reclaim: str | None = Non
                     enqueue_finalize(run_id)
             except RetryChunk as again:  # the ledger is still away: the sweeper finds the chunk stale later
                 log.error("Worker %s: chunk %s not marked failed: %s", context.name, chunk_id, again.cause)
+            show_result(self, chunk_id, f"failed: {message}")
             raise ChunkFailed(message) from None
         countdown = _backoff(self.request.retries)
         hold_for_retry(context, chunk_id, retry.token, countdown, str(retry.cause))
@@ -57,6 +58,7 @@ def copy_chunk(self: Task, run_id: str, chunk_id: str, reclaim: str | None = Non
     if result.run_finished:
         enqueue_finalize(run_id)
     if "failed" in result.summary:  # recorded in the ledger already: now Celery says so too
+        show_result(self, chunk_id, f"failed: {result.summary['failed']}")
         raise ChunkFailed(result.summary["failed"])
     return result.summary
 
@@ -87,6 +89,15 @@ def finalize_run(self: Task, run_id: str) -> dict[str, Any]:
             "chunks": report.get("chunks", {}),
             "rows": {key: totals.get(key, 0) for key in ("source_rows", "rows_read", "rows_written", "rows_unchanged",
                                                          "rows_deleted", "rows_rejected")}}
+
+
+def show_result(task: Task, chunk_id: str, text: str) -> None:
+    """Replace the last progress Flower shows in a chunk's result column (the failed event does not), so a
+    failed chunk reads as its error there. Best effort, like progress."""
+    try:
+        task.send_event("task-progress", retry=False, result=text)
+    except Exception as exc:  # noqa: BLE001 - kombu and redis raise several kinds here
+        log.debug("Worker %s: result of %s not shown: %s", context.name, chunk_id, exc)
 
 
 def enqueue_finalize(run_id: str) -> None:

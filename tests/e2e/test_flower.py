@@ -194,6 +194,7 @@ def test_flower_shows_failure_progress_and_labels_and_no_password(observed):
         info = wait_for(lambda: (t := api.task(chunk.chunk_id)).get("state") == "FAILURE" and t, timeout=30,
                         interval=0.5)
         assert "poisoned deployment" in (info.get("exception") or "")
+        assert (info.get("result") or "").startswith("failed: ") and "poisoned deployment" in info["result"]
         assert info["args"] == chunk_label(chunk)
     failures = json.loads(api.get("/api/tasks?state=FAILURE&limit=1000")[1])
     assert {c.chunk_id for c in failed} <= set(failures)
