@@ -117,8 +117,12 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
     console.print(f"\n[bold]Run {report['run_id']}[/] ({report['migration']}), status {report['status']}")
     console.print(f"source {report['source']}\ntarget {report['target']}")
     table = Table(title="Per partition (all target entities; `--json` has each entity)")
-    for col in ("partition", "source rows", "rejected", "written", "unchanged", "target rows"):
-        table.add_column(col, justify="left" if col == "partition" else "right")
+    wide = console.width >= 100  # narrower: shorter headers, no "unchanged" column; partition ids stay whole
+    longest = max((len(row["partition"]) for row in report["partitions"]), default=9)
+    table.add_column("partition", no_wrap=True, min_width=longest)
+    for col in (("source rows", "rejected", "written", "unchanged", "target rows") if wide
+                else ("source", "rejected", "written", "target")):
+        table.add_column(col, justify="right", no_wrap=True)
     merged: dict[str, dict[str, int]] = {}
     counted: set[tuple[str, str]] = set()
     for row in report["partitions"]:
@@ -132,8 +136,9 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
         m["unchanged"] += row["rows_unchanged"]
         m["target"] += row["target_rows"]
     for partition, m in merged.items():
-        table.add_row(partition, f"{m['source']:,}", f"{m['rejected']:,}", f"{m['written']:,}",
-                      f"{m['unchanged']:,}", f"{m['target']:,}")
+        unchanged = [f"{m['unchanged']:,}"] if wide else []
+        table.add_row(partition, f"{m['source']:,}", f"{m['rejected']:,}", f"{m['written']:,}", *unchanged,
+                      f"{m['target']:,}")
     if len(merged) <= 100:
         console.print(table)
     totals = report["totals"]
@@ -150,8 +155,10 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
                       + ("" if not bad else f"; failing: {', '.join(c['partition'] for c in bad[:10])}"))
     if report["rejects"]["sample"]:
         rejects = Table(title=f"Rejects ({report['rejects']['total']:,}; first {len(report['rejects']['sample'])})")
-        for col in ("entity", "partition", "key", "reason"):
-            rejects.add_column(col)
+        rejects.add_column("entity", overflow="fold")
+        rejects.add_column("partition", no_wrap=True)
+        rejects.add_column("key", overflow="fold")
+        rejects.add_column("reason", overflow="fold", ratio=1)
         for r in report["rejects"]["sample"]:
             rejects.add_row(r["entity"], r["partition"], escape(r["key"]), escape(r["reason"]))
         console.print(rejects)
@@ -206,7 +213,7 @@ def show_checks(console: Console, checks: list[Check]) -> None:
     table = Table(title="Verification (recounted now)")
     for col, justify in (("entity", "left"), ("partition", "left"), ("source", "right"), ("target", "right"),
                          ("rejected", "right"), ("", "left"), ("detail", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=col == "partition", overflow="fold")
     for c in checks:
         table.add_row(c.entity, c.partition, f"{c.source_rows:,}", f"{c.target_rows:,}", f"{c.rejected_rows:,}",
                       "✅" if c.ok else "❌", escape(c.detail))

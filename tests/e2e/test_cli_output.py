@@ -93,6 +93,13 @@ def test_80_columns_never_cut_an_id(e2e):
         assert len(line) <= 80, line
     assert runs[0] in status.stdout, "the run id is whole, so it can be copied"
 
+    wait_for(lambda: e2e.chunk_states(runs[0]).keys() <= {"done", "failed", "cancelled"}, timeout=120, interval=0.2)
+    shown = wait_for(lambda: (r := e2e.shuttle("report", runs[0], COLUMNS="80")).returncode == 0 and r, timeout=120,
+                     interval=0.5)
+    for line in lines_of(shown.stdout):
+        assert len(line) <= 80, line
+    assert re.search(rf"│ {e2e.data.deployments[0]} +│", shown.stdout), "partition ids are whole"
+
     listed = e2e.shuttle("migrations", COLUMNS="80")
     catalogue = json.loads(e2e.shuttle("migrations", "--json").stdout)
     assert {"modmon", "mlflow-latest-metrics", "mlflow-to-mongo"} <= {m["name"] for m in catalogue}
@@ -102,7 +109,6 @@ def test_80_columns_never_cut_an_id(e2e):
         assert re.search(rf"[│ ]{re.escape(migration['name'])}[│ ]", listed.stdout), migration["name"]
 
     # On an 80-column terminal the live display keeps its bar, percentage and ETA within the width.
-    wait_for(lambda: e2e.chunk_states(runs[0]).keys() <= {"done", "failed", "cancelled"}, timeout=120, interval=0.2)
     fresh = e2e.start("modmon", "--target-schema", "narrow2", "--chunk-rows", "3000")
     tty = subprocess.run(["script", "-qec", f"{' '.join(SHUTTLE)} watch {fresh}", "/dev/null"],
                          env=e2e.environ(COLUMNS="80"), cwd=PROJECT_ROOT, capture_output=True, text=True,
