@@ -27,7 +27,7 @@ RUN pip install --no-cache-dir . \
 
 # Shared path for the model-files migration. Created here, owned by `shuttle`, so a fresh named
 # volume mounted on it inherits that ownership and the non-root worker can read it.
-RUN mkdir -p /data/models && chown shuttle:shuttle /data/models
+RUN mkdir -p /data/models /data/flower && chown shuttle:shuttle /data/models /data/flower
 
 USER shuttle
 

@@ -12,6 +12,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from common.celery_config import COPY_CHUNK, FINALIZE_RUN, celery_config
 from common.errors import ServiceUnavailable
 from common.ledger import ChunkRecord
+from common.service_errors import service_unavailable
 from common.settings import Settings
 from common.urls import mask
 
@@ -40,9 +41,8 @@ class Broker:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=5)
         except (KombuOperationalError, OSError) as exc:
-            raise ServiceUnavailable(
-                f"broker {mask(self.settings.broker_url)} is unreachable ({exc.__class__.__name__}: {mask(str(exc))}); "
-                "check SHUTTLE_BROKER_URL and that Redis or RabbitMQ is running") from None
+            raise service_unavailable("broker", mask(self.settings.broker_url),
+                                      f"{exc.__class__.__name__}: {mask(str(exc))}") from None
 
     def enqueue_chunks(self, run_id: str, chunks: Sequence[ChunkRecord]) -> int:
         """One message per chunk, task id = chunk id, short argument repr for Flower."""
@@ -105,3 +105,16 @@ class Broker:
         except Exception:  # noqa: BLE001 - only informational
             return []
         return sorted(name for reply in replies for name in reply)
+
+    def workers_consuming(self, timeout: float = 2.0) -> list[str] | None:
+        """Names of live workers that consume this queue; None when the broker cannot be asked.
+
+        One broadcast answered by every worker with the queues it reads: a worker of another queue, or
+        one that is gone, is not counted."""
+        try:
+            replies = self.app.control.inspect(timeout=timeout).active_queues() or {}
+        except Exception as exc:  # noqa: BLE001 - unknown is said as None: the caller then warns of nothing
+            log.debug("broker %s: workers could not be asked (%s)", mask(self.settings.broker_url), mask(str(exc)))
+            return None
+        return sorted(name for name, queues in replies.items()
+                      if any(q.get("name") == self.settings.queue for q in queues or []))

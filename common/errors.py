@@ -36,3 +36,8 @@ class ConfigError(ShuttleError):
 
 class ServiceUnavailable(ConfigError):
     """A service (broker, ledger, source, target) cannot be reached when a command starts."""
+
+
+class ChunkFailed(ShuttleError):
+    """A chunk that failed for good, raised by its task once the ledger has recorded the failure, so
+    Celery (and Flower) show the task as FAILURE with this message."""

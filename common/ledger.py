@@ -21,6 +21,7 @@ from common.errors import ServiceUnavailable, TransientError
 from common.ledger_schema import (SCHEMA, TERMINAL_CHUNK_STATES, add_missing_columns, chunks, events, metadata,
                                   rejects, reports, runs, verifications)
 from common.model import ChunkOutcome, ChunkSpec, WriteCounts
+from common.service_errors import service_unavailable
 from common.urls import mask, sqlalchemy_url
 
 RAW_EXCERPT_CHARS = 500
@@ -82,12 +83,23 @@ class Recorded:
 
 
 @dataclass(frozen=True)
+class Retrying:
+    """A running chunk waiting for its next attempt (`error` says why) or on its second attempt or later."""
+
+    chunk_id: str
+    attempt: int
+    error: str | None
+
+
+@dataclass(frozen=True)
 class Progress:
     """Where a run stands, for the progress bar and `shuttle status`."""
 
     total_rows: int
     rows_done: int
     chunks: dict[str, int]
+    rows_in_flight: int = 0  # what running chunks have read so far, as their heartbeats last said
+    retrying: tuple[Retrying, ...] = ()
 
     @property
     def chunk_count(self) -> int:
@@ -121,7 +133,11 @@ class Ledger:
         several processes start at once."""
         from common.connectors.postgres import create_database
 
-        create_database(self._url)
+        try:
+            create_database(self._url)
+        except ServiceUnavailable as exc:
+            detail = str(exc).split(" is unreachable: ", 1)[-1]
+            raise service_unavailable("ledger", self.public_url, detail) from None
         try:
             with self.engine.begin() as conn:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('shuttle.ledger.schema'))"))
@@ -129,9 +145,7 @@ class Ledger:
                 metadata.create_all(conn, checkfirst=True)
                 add_missing_columns(conn)
         except sa.exc.OperationalError as exc:
-            raise ServiceUnavailable(
-                f"ledger database {self.public_url} is unreachable: {_first_line(exc)}; "
-                "check SHUTTLE_LEDGER_URL and that PostgreSQL is running") from None
+            raise service_unavailable("ledger", self.public_url, _first_line(exc)) from None
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -211,19 +225,25 @@ class Ledger:
                 return Skipped(f"held by {row['worker']} (heartbeat {max(0.0, float(silent)):.0f}s ago)")
             token = secrets.token_hex(8)
             conn.execute(chunks.update().where(chunks.c.chunk_id == chunk_id).values(
-                state="running", attempts=chunks.c.attempts + 1, worker=worker, error=None, attempt=token,
+                state="running", attempts=chunks.c.attempts + 1, worker=worker, error=None, attempt=token, rows_done=0,
                 heartbeat_at=sa.func.now(), started_at=sa.func.now()))
             run = conn.execute(sa.select(runs).where(runs.c.run_id == row["run_id"])).mappings().one()
             return Claim(_run_record(run), chunk_record(row), token)
 
-    def heartbeat(self, chunk_id: str, token: str, extend_s: float = 0.0) -> bool:
-        """Renew the attempt's hold (for `extend_s` more seconds, e.g. a retry's backoff); False when
-        the attempt no longer holds the chunk (a sweeper gave it to another)."""
+    def heartbeat(self, chunk_id: str, token: str, extend_s: float = 0.0, rows_done: int | None = None,
+                  error: str | None = None) -> bool:
+        """Renew the attempt's hold (for `extend_s` more seconds, e.g. a retry's backoff), with the rows it
+        has read so far, or the error it retries after, when given; False when the attempt no longer holds
+        the chunk (a sweeper gave it to another)."""
+        values: dict[str, Any] = {"heartbeat_at": sa.func.now() + seconds(extend_s)}
+        if rows_done is not None:
+            values["rows_done"] = rows_done
+        if error is not None:
+            values["error"] = mask(error)[:2000]
         with self.transaction() as conn:
             held = conn.execute(chunks.update().where(
                 chunks.c.chunk_id == chunk_id, chunks.c.attempt == token, chunks.c.state == "running")
-                .values(heartbeat_at=sa.func.now() + seconds(extend_s))
-                .returning(chunks.c.chunk_id)).first()
+                .values(**values).returning(chunks.c.chunk_id)).first()
         return held is not None
 
     def record_outcome(self, chunk: ChunkRecord, token: str, outcome: ChunkOutcome, duration_s: float) -> Recorded:
@@ -355,8 +375,15 @@ class Ledger:
         with self.reading() as conn:
             total = conn.execute(sa.select(runs.c.total_rows).where(runs.c.run_id == run_id)).scalar_one()
             states = self._chunk_states(conn, run_id)
+            running = conn.execute(
+                sa.select(chunks.c.chunk_id, chunks.c.attempts, chunks.c.rows_done, chunks.c.error)
+                .where(chunks.c.run_id == run_id, chunks.c.state == "running").order_by(chunks.c.seq)).all()
         done = states.get("done", (0, 0))[1]
-        return Progress(total_rows=int(total), rows_done=done, chunks={state: n for state, (n, _) in states.items()})
+        return Progress(total_rows=int(total), rows_done=done, chunks={state: n for state, (n, _) in states.items()},
+                        rows_in_flight=sum(int(r.rows_done or 0) for r in running),
+                        # Waiting out a retry's backoff (its error noted) or running again after one.
+                        retrying=tuple(Retrying(r.chunk_id, int(r.attempts) + (1 if r.error else 0), r.error)
+                                       for r in running if r.attempts > 1 or r.error))
 
     @staticmethod
     def _chunk_states(conn: sa.Connection, run_id: str) -> dict[str, tuple[int, int]]:
@@ -462,6 +489,36 @@ class Ledger:
             rows = conn.execute(sa.select(events).where(events.c.run_id == run_id, events.c.id > after_id)
                                 .order_by(events.c.id)).mappings()
             return [dict(r) for r in rows]
+
+    def failed_chunks(self, run_id: str) -> list[dict[str, Any]]:
+        """Each failed chunk of the run with its error, for the report."""
+        with self.reading() as conn:
+            rows = conn.execute(sa.select(chunks.c.chunk_id, chunks.c.entity, chunks.c.partition, chunks.c.lo,
+                                          chunks.c.hi, chunks.c.attempts, chunks.c.worker, chunks.c.error)
+                                .where(chunks.c.run_id == run_id, chunks.c.state == "failed")
+                                .order_by(chunks.c.seq)).mappings()
+            return [dict(r) for r in rows]
+
+    def verdicts(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """The stored verdict of each run that has a report."""
+        with self.reading() as conn:
+            return dict(conn.execute(sa.select(reports.c.run_id, reports.c.verdict)
+                                     .where(reports.c.run_id.in_(list(run_ids)))).all())
+
+    def measured_rate(self, migration: str, runs_back: int = 5) -> tuple[float, int] | None:
+        """Rows per second one worker process reached over the recorded chunks of the migration's latest
+        completed runs, and how many runs that is; None when there is none to measure."""
+        recent = (sa.select(runs.c.run_id).where(runs.c.migration == migration, runs.c.status == "completed")
+                  .order_by(runs.c.created_at.desc()).limit(runs_back).subquery())
+        with self.reading() as conn:
+            rows, busy, n = conn.execute(
+                sa.select(sa.func.sum(chunks.c.rows_read), sa.func.sum(chunks.c.duration_s),
+                          sa.func.count(sa.distinct(chunks.c.run_id)))
+                .where(chunks.c.run_id.in_(sa.select(recent.c.run_id)), chunks.c.state == "done",
+                       chunks.c.duration_s > 0)).one()
+        if not rows or not busy:
+            return None
+        return float(rows) / float(busy), int(n)
 
 
 def seconds(value: float) -> sa.ColumnElement:

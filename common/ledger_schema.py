@@ -63,6 +63,9 @@ chunks = sa.Table(
     sa.Column("heartbeat_at", sa.DateTime(timezone=True)),
     # When the chunk's message was last sent: a `queued` chunk the broker does not hold is re-sent.
     sa.Column("queued_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    # Rows the holding attempt has read so far, carried by its heartbeat: progress between chunk ends
+    # that works from the ledger alone, whatever the broker.
+    sa.Column("rows_done", sa.BigInteger),
     sa.Index("chunks_run_state", "run_id", "state"),
 )
 
@@ -125,7 +128,7 @@ sweeps = sa.Table(
 # Columns added after the first release, as `ensure_schema` adds them to an older ledger.
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
     "runs": ("queue text NOT NULL DEFAULT 'shuttle'", "finalize_enqueued_at timestamptz"),
-    "chunks": ("attempt text", "heartbeat_at timestamptz", "queued_at timestamptz DEFAULT now()"),
+    "chunks": ("attempt text", "heartbeat_at timestamptz", "queued_at timestamptz DEFAULT now()", "rows_done bigint"),
 }
 
 

@@ -79,12 +79,12 @@ def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[s
     timing["rows_per_second"] = round(totals["rows_read"] / wall) if wall else None
     timing["redeliveries"] = max(0, timing["attempts"] - progress.chunks.get("done", 0) - progress.chunks.get("failed", 0))
     timing["healed"] = ledger.event_counts(run.run_id)  # stale chunks and lost messages sent again, coordinators started
-    return {
+    return {  # run id, status and verdict first: what a script or a reader looks for
         "run_id": run.run_id,
-        "migration": run.migration,
         "status": run.status,
         "verdict": verdict,
         "verdict_reason": reason,
+        "migration": run.migration,
         "source": mask(run.source_url or ""),
         "target": mask(run.target_url or ""),
         "selection": run.selection,
@@ -96,11 +96,24 @@ def build_report(ledger: Ledger, run: RunRecord, migration: Migration) -> dict[s
         "partitions": rows,
         "checks": [c.as_dict() for c in checks],
         "rejects": {"total": totals["rows_rejected"], "sample": ledger.rejects_of(run.run_id, REJECT_SAMPLE)},
+        "failed_chunks": ledger.failed_chunks(run.run_id),
         "timing": timing,
         "storage": migration.storage_sizes() if finished else {},
         "actions": [],
         "max_rejects": run.max_rejects,
     }
+
+
+READING_ORDER = ("run_id", "status", "verdict", "verdict_reason", "migration", "source", "target", "selection",
+                 "chunks", "totals", "failed_chunks", "rejects", "timing", "storage", "actions", "max_rejects",
+                 "partitions", "checks")
+
+
+def in_reading_order(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with run id, status and verdict first, per-partition detail last. The ledger stores it
+    as JSONB, which keeps no key order, so `--json` puts it back in this order."""
+    known = {key: report[key] for key in READING_ORDER if key in report}
+    return {**known, **{key: value for key, value in report.items() if key not in known}}
 
 
 def _verdict(run: RunRecord, chunks: dict[str, int], finished: bool, totals: dict[str, int],
@@ -118,8 +131,10 @@ def _verdict(run: RunRecord, chunks: dict[str, int], finished: bool, totals: dic
     bad = [c for c in checks if not c.ok]
     if bad:
         return FAILED, f"source and target disagree in {len(bad)} partitions (first: {bad[0].partition}: {bad[0].detail})"
-    migrated = totals["rows_read"] - rejected
-    text = f"all {totals['source_rows']:,} source rows accounted for: {migrated:,} migrated"
+    applied = totals["rows_read"] - rejected
+    # "applied", not "migrated": a derived target (hourly buckets, latest metrics) folds many source rows
+    # into few target rows, which the clause after says.
+    text = f"all {totals['source_rows']:,} source rows accounted for: {applied:,} read and applied to the target"
     text += f", {rejected:,} rejected (see rejects)" if rejected else ", none rejected"
     text += f"; {written:,} target rows written" if written else "; target already up to date, nothing changed"
     return CLEAN, text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -23,11 +24,13 @@ from rich.markup import escape
 from common.broker import Broker
 from common.errors import ConfigError, ShuttleError
 from common.migrations.base import Selection
+from common.report import in_reading_order
 from common.settings import Settings, load_settings
 from common.sweeper import Sweeper
 from common.urls import mask, normalize
 from producer import commands, display
 from producer.progress import follow
+from producer.worker_watch import WorkerWatch
 
 MULTI_VALUE_OPTIONS = ("--deployment-ids", "--partitions", "--experiment-ids", "--model-names")
 console = Console(highlight=False)
@@ -44,6 +47,19 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(config_file: Path | None, ledger_url: str | None, broker_url: str | None, **kwargs: Any) -> Any:
         settings = load_settings(config_file, ledger_url=ledger_url, broker_url=broker_url)
         return func(settings, **kwargs)
+    return wrapper
+
+
+def database_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--source-url / --target-url for commands that reach a run's databases: the run's ledger records
+    where they are, without passwords; these (or the config file, the environment, PGPASSFILE) supply them."""
+    @click.option("--source-url", callback=_url_flag, help="Source URL with its password, if the run's needs one "
+                  "[SHUTTLE_SOURCE_URL].")
+    @click.option("--target-url", callback=_url_flag, help="Target URL with its password [SHUTTLE_TARGET_URL].")
+    @wraps(func)
+    def wrapper(settings: Settings, *args: Any, source_url: str | None, target_url: str | None, **kwargs: Any) -> Any:
+        update = {k: v for k, v in (("source_url", source_url), ("target_url", target_url)) if v}
+        return func(settings.model_copy(update=update) if update else settings, *args, **kwargs)
     return wrapper
 
 
@@ -145,9 +161,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command()
-def migrations() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def migrations(as_json: bool) -> None:
     """List the migrations in the catalogue."""
-    display.show_migrations(console)
+    if as_json:
+        click.echo(json.dumps(display.migrations_data(), indent=2))
+    else:
+        display.show_migrations(console)
 
 
 @cli.command()
@@ -162,7 +182,7 @@ def plan(settings: Settings, migration: str, selection: Selection, chunk_rows: i
     """Dry run: counts per partition, chunks and estimated time; writes nothing."""
     _defaults_from(settings, flags)
     the_plan = commands.plan(settings, migration, selection, chunk_rows or settings.chunk_rows, **flags)
-    display.show_plan(console, the_plan, workers)
+    display.show_plan(console, the_plan, workers, commands.measured_rate(settings, migration))
 
 
 @cli.command()
@@ -181,12 +201,13 @@ def run(settings: Settings, migration: str, selection: Selection, chunk_rows: in
     _defaults_from(settings, flags)
     if dry_run or settings.dry_run:
         display.show_plan(console, commands.plan(settings, migration, selection, chunk_rows or settings.chunk_rows,
-                                                 **flags), workers=2)
+                                                 **flags), 2, commands.measured_rate(settings, migration))
         return
     record = commands.start_run(settings, migration, selection, chunk_rows or settings.chunk_rows,
                                 max_rejects if max_rejects is not None else settings.max_rejects, **flags)
     err_console.print(f"run [bold]{record.run_id}[/]: {record.total_rows:,} rows in {record.chunk_count} chunks "
-                      f"enqueued; watch in Flower at {mask(settings.flower_url)} or with `shuttle watch {record.run_id}`")
+                      f"enqueued; watch in Flower at {mask(settings.flower_url)} or with `shuttle watch {record.run_id}`",
+                      soft_wrap=True)
     if wait:
         _follow_and_exit(settings, record.run_id, as_json)
     console.print(record.run_id)
@@ -199,18 +220,20 @@ def status(settings: Settings, run_id: str | None) -> None:
     """Recent runs, or where one run stands."""
     with commands.open_ledger(settings) as ledger:
         if run_id is None:
-            display.show_runs(console, ledger.latest_runs())
+            recent = ledger.latest_runs()
+            display.show_runs(console, recent, ledger.verdicts([r.run_id for r in recent]))
             return
         run = commands.require_run(ledger, run_id)
-        display.show_progress(console, run, ledger.progress(run_id))
-        for chunk in ledger.chunks_of(run_id, states=["failed"])[:10]:
-            console.print(f"  failed {chunk.chunk_id}: {escape(ledger.get_chunk_error(chunk.chunk_id) or '')}")
+        display.show_progress(console, run, ledger.progress(run_id), ledger.verdicts([run_id]).get(run_id))
+        for chunk in ledger.failed_chunks(run_id)[:10]:
+            console.print(f"  failed {chunk['chunk_id']}: {escape(chunk['error'] or '')}", soft_wrap=True)
 
 
 @cli.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @settings_options
+@database_options
 def watch(settings: Settings, run_id: str, as_json: bool) -> None:
     """Follow a run's progress live until it ends, then print its report."""
     _follow_and_exit(settings, run_id, as_json)
@@ -221,6 +244,7 @@ def watch(settings: Settings, run_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--refresh", is_flag=True, help="Rebuild the report from the ledger and the target now.")
 @settings_options
+@database_options
 def report(settings: Settings, run_id: str, as_json: bool, refresh: bool) -> None:
     """The report of a run: counts per entity and partition, rejects, timings, verdict."""
     body = commands.report(settings, run_id, refresh=refresh)
@@ -260,6 +284,7 @@ def resume(settings: Settings, run_id: str, wait: bool, as_json: bool) -> None:
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @settings_options
+@database_options
 def verify(settings: Settings, run_id: str, as_json: bool) -> None:
     """Recount source and target per partition and record the result (purge requires it)."""
     checks = commands.verify(settings, run_id)
@@ -280,6 +305,7 @@ def verify(settings: Settings, run_id: str, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Count what would be purged; delete nothing.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @settings_options
+@database_options
 def purge(settings: Settings, migration: str, purge_all: bool, before: datetime | None,
           partitions: tuple[str, ...], dry_run: bool, yes: bool) -> None:
     """Delete migrated source rows, only for partitions whose migration completed and verified."""
@@ -381,6 +407,30 @@ def _print_versions(versions: list, as_json: bool, title: str) -> None:
 
 
 @cli.command()
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=9808, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for Prometheus on another host or container).")
+@click.option("--window-hours", type=click.FloatRange(min=0), default=24.0, show_default=True,
+              help="Export runs still open and those created this many hours ago or later.")
+@settings_options
+def metrics(settings: Settings, port: int, address: str, window_hours: float) -> None:
+    """Serve Prometheus metrics of the runs (rows, chunks, progress, durations), read from the ledger."""
+    from common.metrics import serve
+
+    with commands.open_ledger(settings) as ledger:
+        server = serve(ledger, port, address, window_hours)
+        err_console.print(f"run metrics of ledger {ledger.public_url} at http://{address}:{port}/metrics "
+                          "(Ctrl-C stops)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.shutdown()
+
+
+@cli.command()
 @click.option("--rows", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
               help="Archived predictions to generate.")
 @click.option("--deployments", type=click.IntRange(min=1), default=30, show_default=True)
@@ -395,6 +445,8 @@ def _print_versions(versions: list, as_json: bool, title: str) -> None:
               help="Which migration the demo runs.")
 @click.option("--models-dir", default="/tmp/shuttle-demo-models", show_default=True,
               help="model-files: where the demo writes its model files (a path every worker sees).")
+@click.option("--keep-flower/--stop-flower", default=True, show_default=True,
+              help="Leave the Flower the demo started running, to look at the run afterwards.")
 @settings_options
 def demo(settings: Settings, **options: Any) -> None:
     """Build a realistic demo source, start local workers, run a migration (`modmon`) and print the report."""
@@ -409,9 +461,15 @@ def _follow_and_exit(settings: Settings, run_id: str, as_json: bool) -> None:
         run = commands.require_run(ledger, run_id)
         broker = Broker(settings.model_copy(update={"queue": run.queue}))
         try:
-            body = follow(err_console if as_json else console, ledger, run_id,
-                          lambda rid: commands.finalize_here(settings, ledger, rid),
-                          Sweeper(ledger, broker, broker.settings) if settings.sweeper else None)
+            with WorkerWatch(broker) as workers:
+                body = follow(err_console if as_json else console, ledger, run_id,
+                              lambda rid: commands.finalize_here(settings, ledger, rid),
+                              Sweeper(ledger, broker, broker.settings) if settings.sweeper else None, workers)
+        except KeyboardInterrupt:
+            err_console.print(f"\nstopped watching; run {run_id} goes on in the workers. "
+                              f"`shuttle watch {run_id}` follows it again, `shuttle cancel {run_id}` stops it",
+                              soft_wrap=True)
+            sys.exit(130)
         finally:
             broker.close()
     _print_report(body, as_json)
@@ -420,7 +478,7 @@ def _follow_and_exit(settings: Settings, run_id: str, as_json: bool) -> None:
 
 def _print_report(body: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(mask(json.dumps(body, indent=2, default=str)))
+        click.echo(mask(json.dumps(in_reading_order(body), indent=2, default=str)))
     else:
         display.show_report(console, body)
 
@@ -481,9 +539,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         require_utf8(raw)
         cli.main(args=expand_multi_values(raw), prog_name="shuttle", standalone_mode=False)
-    except click.exceptions.Abort:
-        err_console.print("aborted")
-        sys.exit(1)
+    except click.exceptions.Abort:  # Ctrl-C (click turns it into Abort) or a declined question
+        err_console.print("aborted; anything already enqueued goes on in the workers (`shuttle status` lists the "
+                          "runs, `shuttle cancel RUN` stops one)", soft_wrap=True)
+        sys.exit(130 if isinstance(sys.exc_info()[1].__context__, KeyboardInterrupt) else 1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

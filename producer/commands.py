@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterator
 
-from common.errors import ConfigError
+from common.errors import ConfigError, ServiceUnavailable
 from common.ledger import Ledger, RunRecord
 from common.migrations import Migration, migration_class
 from common.migrations.base import Check, Selection
 from common.report import RUNNING, build_report, close_run
+from common.service_errors import reword_database_failure
 from common.settings import Settings
 from common.urls import with_password
 from common.broker import Broker
@@ -63,6 +64,14 @@ def migration_of_run(settings: Settings, run: RunRecord) -> Iterator[Migration]:
         migration.close()
 
 
+def check_services(migration: Migration) -> None:
+    """The migration's own check, its errors naming the setting that holds the failing URL."""
+    try:
+        migration.check_services()
+    except ServiceUnavailable as exc:
+        raise reword_database_failure(exc, migration.name) from None
+
+
 def require_run(ledger: Ledger, run_id: str) -> RunRecord:
     run = ledger.get_run(run_id)
     if run is None:
@@ -75,8 +84,20 @@ def plan(settings: Settings, name: str, selection: Selection, chunk_rows: int, *
     """The dry run: counts and chunks; writes nothing to the target or the ledger."""
     options = migration_class(name).plan_options(**flags)
     with open_migration(settings, name, options, flags.get("source_url"), flags.get("target_url")) as migration:
-        migration.check_services()
+        check_services(migration)
         return make_plan(migration, selection, chunk_rows)
+
+
+def measured_rate(settings: Settings, name: str) -> tuple[float, int] | None:
+    """Rows per second per worker process measured on the migration's past completed runs in the ledger,
+    and over how many runs; None when there are none (or no ledger yet: a plan creates nothing)."""
+    ledger = Ledger(settings.ledger_url)
+    try:
+        return ledger.measured_rate(name)
+    except Exception:  # noqa: BLE001 - no ledger, no schema yet, or unreachable: the plan says it has no measure
+        return None
+    finally:
+        ledger.dispose()
 
 
 def start_run(settings: Settings, name: str, selection: Selection, chunk_rows: int, max_rejects: int | None,
@@ -87,7 +108,7 @@ def start_run(settings: Settings, name: str, selection: Selection, chunk_rows: i
             open_migration(settings, name, options, flags.get("source_url"), flags.get("target_url")) as migration:
         broker = Broker(settings)
         broker.check_reachable()
-        migration.check_services()
+        check_services(migration)
         the_plan = make_plan(migration, selection, chunk_rows)
         migration.prepare_target()
         run = record_run(ledger, the_plan, migration.source_url, migration.target_url, max_rejects, settings.queue)
@@ -120,12 +141,21 @@ def report(settings: Settings, run_id: str, refresh: bool = False) -> dict[str, 
 
 
 def cancel(settings: Settings, run_id: str) -> int:
-    """Skip every queued chunk; running chunks finish their transaction. Returns chunks skipped."""
+    """Skip every queued chunk; running chunks finish their transaction. Returns chunks skipped.
+
+    Needs the ledger alone: when nothing is left running, the coordinator is sent to the workers (and
+    if the broker is away, a sweeper starts it later), so no source or target password is needed here."""
     with open_ledger(settings) as ledger:
-        require_run(ledger, run_id)
+        run = require_run(ledger, run_id)
         skipped = ledger.cancel(run_id)
         if ledger.claim_finalize(run_id):
-            finalize_here(settings, ledger, run_id)
+            broker = Broker(settings.model_copy(update={"queue": run.queue}))
+            try:
+                broker.enqueue_finalize(run_id)
+            except ServiceUnavailable:
+                pass  # the ledger says the coordinator is due: the sweeper of a worker or a `watch` starts it
+            finally:
+                broker.close()
         return skipped
 
 

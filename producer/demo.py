@@ -1,10 +1,13 @@
-"""`shuttle demo`: a realistic modmon source, local workers, a full run, and its report."""
+"""`shuttle demo`: a realistic source (modmon's, or a tree of model files), local workers, a full run,
+and its report."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,13 @@ DEFAULT_MODELS_DIR = "/tmp/shuttle-demo-models"
 
 def run_demo(settings: Settings, console: Console, *, rows: int, deployments: int, workers: int, chunk_rows: int,
              source_url: str | None, flower_url: str | None, skip_data: bool, migration: str = "modmon",
-             models_dir: str = DEFAULT_MODELS_DIR) -> str:
-    """Returns the verdict."""
+             models_dir: str = DEFAULT_MODELS_DIR, keep_flower: bool = True) -> str:
+    """Returns the verdict. The Flower it started stays up (unless told otherwise), so its address still
+    answers once the report is read."""
     if migration == "model-files":
         return _model_files_demo(settings, console, workers=workers, flower_url=flower_url, skip_data=skip_data,
-                                 models_dir=Path(models_dir), target_url=settings.target_url or DEFAULT_DEMO_URL)
+                                 models_dir=Path(models_dir), target_url=settings.target_url or DEFAULT_DEMO_URL,
+                                 keep_flower=keep_flower)
     url = source_url or settings.source_url or DEFAULT_DEMO_URL
     settings = settings.model_copy(update={"source_url": url, "target_url": settings.target_url or url})
     if not skip_data:
@@ -38,12 +43,7 @@ def run_demo(settings: Settings, console: Console, *, rows: int, deployments: in
         drop_target(settings.target_url or url)  # buckets of an earlier demo's data would not reconcile
         console.print(f"  {data.total_rows:,} archived predictions ({len(data.malformed_ids)} malformed on purpose) "
                       f"in {time.monotonic() - started:.1f}s")
-    flower = start_flower(settings) if workers else None
-    pool = LocalWorkers(settings, workers, name="demo")
-    try:
-        if workers:
-            console.print(f"starting {workers} local worker processes …")
-            pool.__enter__()
+    with _local_workers(settings, console, workers, flower_url, keep_flower):
         run = commands.start_run(settings, "modmon", Selection(), chunk_rows, settings.max_rejects,
                                  reenable_drift_tracking=True)
         console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} rows in {run.chunk_count} chunks; "
@@ -55,15 +55,10 @@ def run_demo(settings: Settings, console: Console, *, rows: int, deployments: in
         console.print(f"\nnext: `shuttle report {run.run_id} --json`, `shuttle verify {run.run_id}`, "
                       f"then `shuttle purge modmon --before 2026-06-04 --dry-run`")
         return report["verdict"]
-    finally:
-        if workers:
-            pool.stop()
-        if flower is not None:
-            os.killpg(flower.pid, signal.SIGTERM)
 
 
 def _model_files_demo(settings: Settings, console: Console, *, workers: int, flower_url: str | None,
-                      skip_data: bool, models_dir: Path, target_url: str) -> str:
+                      skip_data: bool, models_dir: Path, target_url: str, keep_flower: bool) -> str:
     """A generated tree of joblib files (scikit-learn, from the `dev` extra) → the `models` table."""
     from common.connectors.postgres import create_database
 
@@ -75,15 +70,10 @@ def _model_files_demo(settings: Settings, console: Console, *, workers: int, flo
         console.print(f"  {tree.files} joblib and pickle files, {len(tree.names)} model names")
     create_database(target_url)
     settings = settings.model_copy(update={"source_url": f"file://{models_dir}", "target_url": target_url})
-    flower = start_flower(settings) if workers else None
-    pool = LocalWorkers(settings, workers, name="demo")
-    try:
-        if workers:
-            console.print(f"starting {workers} local worker processes …")
-            pool.__enter__()
+    with _local_workers(settings, console, workers, flower_url, keep_flower):
         run = commands.start_run(settings, "model-files", Selection(), 1000, settings.max_rejects)
         console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} files in {run.chunk_count} chunks; "
-                      f"Flower: {flower_url or settings.flower_url}")
+                      f"Flower: {mask(flower_url or settings.flower_url)}")
         with commands.open_ledger(settings) as ledger:
             report: dict[str, Any] = follow(console, ledger, run.run_id,
                                             lambda rid: commands.finalize_here(settings, ledger, rid))
@@ -91,8 +81,25 @@ def _model_files_demo(settings: Settings, console: Console, *, workers: int, flo
         console.print(f"\nnext: `shuttle models list --target-url {mask(target_url)}`; run the demo again with "
                       "--skip-data: nothing is stored twice")
         return report["verdict"]
+
+
+@contextmanager
+def _local_workers(settings: Settings, console: Console, workers: int, flower_url: str | None,
+                   keep_flower: bool) -> Iterator[None]:
+    """Flower and `workers` local worker processes for the demo's run; the workers stop after it, Flower
+    stays up (unless `keep_flower` is off) so its address still answers once the report is read."""
+    flower = start_flower(settings) if workers else None
+    pool = LocalWorkers(settings, workers, name="demo")
+    try:
+        if workers:
+            console.print(f"starting {workers} local worker processes …")
+            pool.__enter__()
+        yield
     finally:
         if workers:
             pool.stop()
-        if flower is not None:
+        if flower is not None and keep_flower:
+            console.print(f"Flower stays up at {mask(flower_url or settings.flower_url)} with this run's tasks "
+                          f"(`kill {flower.pid}` stops it)", soft_wrap=True)
+        elif flower is not None:
             os.killpg(flower.pid, signal.SIGTERM)

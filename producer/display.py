@@ -1,7 +1,12 @@
-"""How the CLI shows plans, runs, reports and checks (rich tables; --json where scripts read)."""
+"""How the CLI shows plans, runs, reports and checks (rich tables; --json where scripts read).
+
+Everything fits the console's width, 80 columns included: wide columns fold rather than cut, and ids
+(runs, chunks, migrations) are never cut, so they can be copied.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from rich.console import Console
@@ -16,16 +21,31 @@ from producer.planner import Plan
 VERDICT_STYLE = {"clean": "bold green", "failed": "bold red", "cancelled": "yellow", "running": "cyan"}
 
 
+def migrations_data() -> list[dict[str, str]]:
+    """The catalogue as `shuttle migrations --json` prints it."""
+    return [{"name": m.name, "source": m.source_kind, "target": m.target_kind, "partition_by": m.partition_label,
+             "status": m.status, "summary": m.summary} for m in all_migrations()]
+
+
 def show_migrations(console: Console) -> None:
+    """The catalogue; narrower than 120 columns, partition and status go (`--json` has them)."""
     table = Table(title="Shuttle migrations")
-    for col in ("name", "source → target", "partition by", "status", "what it does"):
-        table.add_column(col)
-    for m in all_migrations():
-        table.add_row(m.name, f"{m.source_kind} → {m.target_kind}", m.partition_label, m.status, m.summary)
+    names = migrations_data()
+    wide = console.width >= 120
+    table.add_column("name", no_wrap=True, min_width=max((len(m["name"]) for m in names), default=4))
+    table.add_column("source → target", no_wrap=True)
+    if wide:
+        table.add_column("partition by")
+        table.add_column("status")
+    table.add_column("what it does", ratio=1)
+    for m in names:
+        extra = [m["partition_by"], m["status"]] if wide else []
+        table.add_row(m["name"], f"{m['source']} → {m['target']}", *extra, m["summary"])
     console.print(table)
 
 
-def show_plan(console: Console, plan: Plan, workers: int) -> None:
+def show_plan(console: Console, plan: Plan, workers: int, measured: tuple[float, int] | None = None) -> None:
+    """The plan, and an estimate from the rate past runs of this migration measured (or none, said so)."""
     table = Table(title=f"Plan for {plan.migration} (dry run: nothing written)")
     table.add_column("partition")
     table.add_column("entity")
@@ -37,25 +57,59 @@ def show_plan(console: Console, plan: Plan, workers: int) -> None:
     for p in plan.partitions:
         table.add_row(p.partition, p.entity, f"{p.rows:,}", str(per_partition.get(p.partition, 0)))
     console.print(table)
-    console.print(f"{plan.total_rows:,} rows in {len(plan.chunks)} chunks; estimated "
-                  f"{_duration(plan.estimated_seconds(workers))} with {workers} worker process(es)")
+    console.print(f"{plan.total_rows:,} rows in {len(plan.chunks)} chunks")
+    if measured is None:
+        console.print(f"no estimate: no completed run of {plan.migration} in the ledger to measure a rate from "
+                      "(the first run's report gives one)")
+        return
+    rate, runs = measured
+    console.print(f"estimated {_duration(plan.total_rows / (rate * max(1, workers)))} with {workers} worker "
+                  f"process(es), at the {rate:,.0f} rows/s per process measured over the last {runs} completed "
+                  f"run(s) of {plan.migration}")
 
 
-def show_runs(console: Console, runs: list[RunRecord]) -> None:
+def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str]) -> None:
+    """Recent runs; on a narrow console the creation time goes and the target folds, the run id stays whole."""
     table = Table(title="Recent runs")
-    for col in ("run", "migration", "status", "rows", "chunks", "created"):
-        table.add_column(col)
+    wide = console.width >= 140
+    table.add_column("run", no_wrap=True, min_width=max((len(r.run_id) for r in runs), default=3))
+    table.add_column("verdict" if not wide else "status / verdict", no_wrap=True)
+    table.add_column("rows", justify="right", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("target", overflow="fold", ratio=1)
+    if wide:
+        table.add_column("created", no_wrap=True)
     for r in runs:
-        table.add_row(r.run_id, r.migration, r.status, f"{r.total_rows:,}", str(r.chunk_count),
-                      f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "")
+        verdict = verdicts.get(r.run_id, "")
+        style = VERDICT_STYLE.get(verdict, "")
+        shown = f"[{style}]{verdict}[/]" if verdict and style else r.status
+        if wide and verdict:
+            shown = f"{r.status} / {shown}"
+        took = _duration((r.finished_at - r.created_at).total_seconds()) if r.finished_at and r.created_at else ""
+        target = r.target_url or ""
+        cells = [r.run_id, shown, f"{r.total_rows:,}", took, escape(target if wide else _short_url(target))]
+        if wide:
+            cells.append(f"{r.created_at:%Y-%m-%d %H:%M}" if r.created_at else "")
+        table.add_row(*cells)
     console.print(table)
 
 
-def show_progress(console: Console, run: RunRecord, progress: Progress) -> None:
-    pct = 100 * progress.rows_done / progress.total_rows if progress.total_rows else 100.0
+def show_progress(console: Console, run: RunRecord, progress: Progress, verdict: str | None = None) -> None:
+    """Where one run stands: rows (in flight included), chunk states, verdict, duration and target."""
+    rows = min(progress.total_rows, progress.rows_done + progress.rows_in_flight)
+    pct = 100 * rows / progress.total_rows if progress.total_rows else 100.0
     states = ", ".join(f"{n} {s}" for s, n in sorted(progress.chunks.items()))
-    console.print(f"[bold]{run.run_id}[/] ({run.migration}) {run.status}: {progress.rows_done:,} of "
-                  f"{progress.total_rows:,} rows ({pct:.1f}%); chunks: {states or 'none'}")
+    took = ""
+    if run.created_at:
+        end = run.finished_at or datetime.now(timezone.utc)
+        took = f"; {'took' if run.finished_at else 'running for'} {_duration((end - run.created_at).total_seconds())}"
+    shown = f"[{VERDICT_STYLE.get(verdict, 'bold')}]{verdict}[/]" if verdict else run.status
+    console.print(f"[bold]{run.run_id}[/] ({run.migration}) {shown}: {rows:,} of {progress.total_rows:,} rows "
+                  f"({pct:.1f}%){took}; chunks: {states or 'none'}", soft_wrap=True)
+    console.print(f"target {escape(run.target_url or '')}", soft_wrap=True)
+    for retrying in progress.retrying:
+        console.print(f"  retrying {retrying.chunk_id} (attempt {retrying.attempt})"
+                      + (f": {escape(retrying.error)}" if retrying.error else ""), soft_wrap=True)
 
 
 def show_report(console: Console, report: dict[str, Any]) -> None:
@@ -63,8 +117,12 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
     console.print(f"\n[bold]Run {report['run_id']}[/] ({report['migration']}), status {report['status']}")
     console.print(f"source {report['source']}\ntarget {report['target']}")
     table = Table(title="Per partition (all target entities; `--json` has each entity)")
-    for col in ("partition", "source rows", "rejected", "written", "unchanged", "target rows"):
-        table.add_column(col, justify="left" if col == "partition" else "right")
+    wide = console.width >= 100  # narrower: shorter headers, no "unchanged" column; partition ids stay whole
+    longest = max((len(row["partition"]) for row in report["partitions"]), default=9)
+    table.add_column("partition", no_wrap=True, min_width=longest)
+    for col in (("source rows", "rejected", "written", "unchanged", "target rows") if wide
+                else ("source", "rejected", "written", "target")):
+        table.add_column(col, justify="right", no_wrap=True)
     merged: dict[str, dict[str, int]] = {}
     counted: set[tuple[str, str]] = set()
     for row in report["partitions"]:
@@ -78,8 +136,9 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
         m["unchanged"] += row["rows_unchanged"]
         m["target"] += row["target_rows"]
     for partition, m in merged.items():
-        table.add_row(partition, f"{m['source']:,}", f"{m['rejected']:,}", f"{m['written']:,}",
-                      f"{m['unchanged']:,}", f"{m['target']:,}")
+        unchanged = [f"{m['unchanged']:,}"] if wide else []
+        table.add_row(partition, f"{m['source']:,}", f"{m['rejected']:,}", f"{m['written']:,}", *unchanged,
+                      f"{m['target']:,}")
     if len(merged) <= 100:
         console.print(table)
     totals = report["totals"]
@@ -96,8 +155,10 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
                       + ("" if not bad else f"; failing: {', '.join(c['partition'] for c in bad[:10])}"))
     if report["rejects"]["sample"]:
         rejects = Table(title=f"Rejects ({report['rejects']['total']:,}; first {len(report['rejects']['sample'])})")
-        for col in ("entity", "partition", "key", "reason"):
-            rejects.add_column(col)
+        rejects.add_column("entity", overflow="fold")
+        rejects.add_column("partition", no_wrap=True)
+        rejects.add_column("key", overflow="fold")
+        rejects.add_column("reason", overflow="fold", ratio=1)
         for r in report["rejects"]["sample"]:
             rejects.add_row(r["entity"], r["partition"], escape(r["key"]), escape(r["reason"]))
         console.print(rejects)
@@ -109,6 +170,10 @@ def show_report(console: Console, report: dict[str, Any]) -> None:
     if storage.get("source_bytes"):
         console.print(f"storage: target {_size(storage['target_bytes'])} vs source {_size(storage['source_bytes'])} "
                       f"({100 * storage['target_bytes'] / storage['source_bytes']:.1f}%)")
+    for chunk in report.get("failed_chunks", []):
+        console.print(f"[red]failed[/] {escape(chunk['chunk_id'])} (attempt {chunk['attempts']}, "
+                      f"{escape(chunk['worker'] or 'no worker')}): {escape(chunk['error'] or 'no error recorded')}",
+                      overflow="fold")
     for action in report.get("actions", []):
         console.print(f"action: {action}")
     console.print(f"verdict: [{VERDICT_STYLE.get(verdict, 'bold')}]{verdict}[/] — {escape(report['verdict_reason'])}")
@@ -118,19 +183,29 @@ def show_check_summary(console: Console, checks: list[dict[str, Any]]) -> None:
     """One line per checked entity (table, reference, sample): ✅ when every partition of it holds."""
     by_entity: dict[str, dict[str, Any]] = {}
     for c in checks:
-        e = by_entity.setdefault(c["entity"], {"source": 0, "target": 0, "rejected": 0, "ok": True, "detail": ""})
+        e = by_entity.setdefault(c["entity"], {"source": 0, "target": 0, "rejected": 0, "ok": True, "detail": "",
+                                               "failing": [], "partitions": 0})
         e["source"] += c["source_rows"]
         e["target"] += c["target_rows"]
         e["rejected"] += c["rejected_rows"]
+        e["partitions"] += 1
         e["ok"] = e["ok"] and c["ok"]
+        if not c["ok"]:
+            e["failing"].append(c)
         e["detail"] = e["detail"] or ("" if c["ok"] and c["partition"] != "warning" else c["detail"])
+    for e in by_entity.values():
+        if len(e["failing"]) > 1:  # every failing partition counts, not only the first one's gap
+            bad = e["failing"]
+            e["detail"] = (f"{len(bad)} of {e['partitions']} partitions disagree: source "
+                           f"{sum(c['source_rows'] for c in bad):,}, target {sum(c['target_rows'] for c in bad):,}, "
+                           f"rejected {sum(c['rejected_rows'] for c in bad):,} in them; first: {bad[0]['detail']}")
     table = Table(title="Verification per table")
     for col, justify in (("", "left"), ("table / check", "left"), ("source", "right"), ("target", "right"),
                          ("rejected", "right"), ("detail", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, overflow="fold")
     for entity, e in by_entity.items():
         table.add_row("✅" if e["ok"] else "❌", entity, f"{e['source']:,}", f"{e['target']:,}", f"{e['rejected']:,}",
-                      e["detail"][:80])
+                      escape(e["detail"]))
     console.print(table)
 
 
@@ -138,11 +213,17 @@ def show_checks(console: Console, checks: list[Check]) -> None:
     table = Table(title="Verification (recounted now)")
     for col, justify in (("entity", "left"), ("partition", "left"), ("source", "right"), ("target", "right"),
                          ("rejected", "right"), ("", "left"), ("detail", "left")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=col == "partition", overflow="fold")
     for c in checks:
         table.add_row(c.entity, c.partition, f"{c.source_rows:,}", f"{c.target_rows:,}", f"{c.rejected_rows:,}",
                       "✅" if c.ok else "❌", escape(c.detail))
     console.print(table)
+
+
+def _short_url(url: str) -> str:
+    """`host:port/database` of a URL (its scheme and user dropped), for narrow tables."""
+    rest = url.split("://", 1)[-1]
+    return rest.rpartition("@")[2]
 
 
 def _duration(seconds: float) -> str:

@@ -102,11 +102,21 @@ class LocalWorkers:
         self.stop()
 
 
-def start_flower(settings: Settings, port: int = 5555) -> subprocess.Popen | None:
-    """Flower on localhost for the demo, if the port is free (basic auth from FLOWER_BASIC_AUTH)."""
+FLOWER_CONFIG = PROJECT_ROOT / "ops" / "flower" / "flowerconfig.py"
+
+
+def start_flower(settings: Settings, port: int = 5555, log: Path | None = None,
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen | None:
+    """Flower on localhost with the shipped config (ops/flower), if the port is free; basic auth from
+    FLOWER_BASIC_AUTH. It gets the broker only, never the ledger or database URLs."""
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", port)) == 0:
             return None
-    args = [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}", "--address=127.0.0.1"]
-    return subprocess.Popen(args, cwd=PROJECT_ROOT, env=worker_env(settings), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--conf={FLOWER_CONFIG}", f"--port={port}",
+            "--address=127.0.0.1"]
+    env = {key: value for key, value in worker_env(settings, extra_env).items()
+           if key not in ("SHUTTLE_LEDGER_URL", "SHUTTLE_SOURCE_URL", "SHUTTLE_TARGET_URL")}
+    env.setdefault("FLOWER_DB", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"shuttle-flower-{port}.db"))
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen(args, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)

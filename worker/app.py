@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import worker_process_shutdown, worker_ready, worker_shutting_down
+from celery.signals import celeryd_after_setup, worker_process_shutdown, worker_ready, worker_shutting_down
 
 from common.celery_config import celery_config
 from common.settings import load_settings
@@ -26,6 +26,12 @@ logging.getLogger("shuttle").setLevel(logging.INFO)
 
 
 sweeper = SweeperThread(settings)
+
+
+@celeryd_after_setup.connect
+def _name_worker(sender: str, **_: object) -> None:
+    # Before the pool forks, so every pool process inherits the node name.
+    context.node = sender
 
 
 @worker_ready.connect

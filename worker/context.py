@@ -22,6 +22,9 @@ class WorkerContext:
         self._ledger: Ledger | None = None
         self._pid: int | None = None
         self._migrations: OrderedDict[str, Migration] = OrderedDict()
+        # The Celery node name (`name@host`), set when the worker starts: the ledger names a chunk's
+        # worker as Flower and the logs do.
+        self.node: str | None = None
 
     @property
     def ledger(self) -> Ledger:
@@ -33,7 +36,9 @@ class WorkerContext:
 
     @property
     def name(self) -> str:
-        return f"{socket.gethostname()}:{os.getpid()}"
+        """`name@host:pid`: the node name Flower and the logs show, and the pool process the sweeper and
+        `holder_gone` need to tell a dead holder from a live one."""
+        return f"{self.node or socket.gethostname()}:{os.getpid()}"
 
     def migration_for(self, run: RunRecord) -> Migration:
         """The run's migration with connections kept open across its chunks."""

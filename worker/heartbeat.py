@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from types import TracebackType
 
 from common.ledger import Ledger
 
 log = logging.getLogger("shuttle.worker")
+ROWS_EVERY_S = 1.0
 
 
 class Heartbeat:
-    """`with Heartbeat(ledger, chunk_id, token, interval):` beats every `interval` seconds until the block ends."""
+    """`with Heartbeat(ledger, chunk_id, token, interval):` beats every `interval` seconds until the block ends.
+
+    Each beat also records the rows read so far (`rows`), so `watch` and the metrics see a chunk move
+    before it ends, from the ledger alone."""
 
     def __init__(self, ledger: Ledger, chunk_id: str, token: str, interval: float) -> None:
         self.ledger = ledger
@@ -25,6 +30,7 @@ class Heartbeat:
         self.token = token
         self.interval = interval
         self.lost = False  # the sweeper gave the chunk to another attempt: this one will record nothing
+        self.rows = 0  # rows read so far, set by the chunk's progress; each beat carries it to the ledger
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat {chunk_id}", daemon=True)
 
@@ -38,9 +44,16 @@ class Heartbeat:
         self._thread.join(timeout=self.interval + 15)
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
+        # A beat is due every `interval`, and sooner (at most once a second) when the rows read moved,
+        # so progress in the ledger is smooth even for chunks shorter than the interval.
+        step = min(self.interval, ROWS_EVERY_S)
+        last_beat, last_rows = time.monotonic(), self.rows
+        while not self._stop.wait(step):
+            if self.rows == last_rows and time.monotonic() - last_beat < self.interval:
+                continue
+            last_beat, last_rows = time.monotonic(), self.rows
             try:
-                if not self.ledger.heartbeat(self.chunk_id, self.token) and not self.lost:
+                if not self.ledger.heartbeat(self.chunk_id, self.token, rows_done=self.rows) and not self.lost:
                     self.lost = True
                     log.warning("chunk %s: this attempt no longer holds it (sent again after going silent); "
                                 "its outcome will not be recorded", self.chunk_id)

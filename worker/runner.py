@@ -58,8 +58,12 @@ def run_chunk(context: WorkerContext, chunk_id: str, progress: Callable[[int, in
     report = best_effort(progress, chunk_id)
     try:
         migration = context.migration_for(claim.run)
-        with Heartbeat(ledger, chunk_id, claim.token, settings.heartbeat_interval):
-            outcome = migration.run_chunk(claim.chunk.spec, lambda rows: report(rows, claim.chunk.spec.est_rows))
+        with Heartbeat(ledger, chunk_id, claim.token, settings.heartbeat_interval) as heartbeat:
+            def on_rows(rows: int) -> None:
+                heartbeat.rows = rows
+                report(rows, claim.chunk.spec.est_rows)
+
+            outcome = migration.run_chunk(claim.chunk.spec, on_rows)
     except TransientError as exc:
         raise RetryChunk(claim.token, exc) from None
     except Exception as exc:  # noqa: BLE001 - any other error is final for this chunk: record it
@@ -90,14 +94,16 @@ def fail_chunk(context: WorkerContext, chunk_id: str, token: str | None, error: 
     return _record_failure(context, chunk, token, error) if chunk and token else False
 
 
-def hold_for_retry(context: WorkerContext, chunk_id: str, token: str | None, countdown: float) -> None:
-    """Keep the claim through a retry's backoff, so the sweeper does not take the chunk for stale meanwhile.
+def hold_for_retry(context: WorkerContext, chunk_id: str, token: str | None, countdown: float,
+                   error: str = "") -> None:
+    """Keep the claim through a retry's backoff, so the sweeper does not take the chunk for stale meanwhile,
+    and note the error it retries after, so `watch` can say why it is retrying.
 
     Best effort: if the ledger cannot be reached, the chunk may be sent again once stale, which is safe."""
     if token is None:
         return
     try:
-        context.ledger.heartbeat(chunk_id, token, extend_s=countdown)
+        context.ledger.heartbeat(chunk_id, token, extend_s=countdown, error=f"retrying after: {error}")
     except TransientError as exc:
         log.warning("Worker %s: chunk %s: claim not extended for the retry (%s)", context.name, chunk_id, exc)
 
@@ -114,12 +120,14 @@ def best_effort(progress: Callable[[int, int], None], chunk_id: str) -> Callable
 
 
 def holder_gone(worker: str) -> bool:
-    """Whether the attempt named in the ledger (host:pid) is over: its process no longer runs on this
-    host, or it is this very process, which runs one chunk at a time (a prefork pool process).
+    """Whether the attempt named in the ledger (`name@host:pid`, or `host:pid` before workers had names)
+    is over: its process no longer runs on this host, or it is this very process, which runs one chunk
+    at a time (a prefork pool process).
 
     Lets a chunk whose pool process was killed, or whose claim this process made before a lost
     connection hid the answer, be taken over at once rather than after its heartbeat goes stale."""
-    host, _, pid = worker.rpartition(":")
+    node, _, pid = worker.rpartition(":")
+    host = node.rpartition("@")[2]
     if host != socket.gethostname() or not pid.isdigit():
         return False
     if int(pid) == os.getpid():

@@ -1,0 +1,45 @@
+"""What the progress display and the per-table check say, from plain values (no services)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from common.ledger import Progress, Retrying
+from producer.display import show_check_summary
+from producer.progress import _view, retry_lines, summary_line
+
+
+def progress(**chunks: int) -> Progress:
+    return Progress(total_rows=1000, rows_done=400, chunks=chunks, rows_in_flight=150,
+                    retrying=(Retrying("run-1:predictions:" + "a" * 24 + ":20260601T00-20260602T00", 3,
+                                       "retrying after: target db: deadlock detected"),))
+
+
+def test_summary_names_running_queued_failed_retrying_and_workers():
+    line = summary_line(progress(done=4, running=2, queued=5, failed=1), ["w1@h", "w2@h"])
+    assert line == "chunks 4/12 done · 2 running · 5 queued · 1 failed · 1 retrying · 2 workers"
+    assert summary_line(progress(queued=3), None).endswith("1 retrying"), "workers unknown: not claimed"
+    (retry,) = retry_lines(progress(running=1))
+    assert retry.startswith("retrying run-1:predictions:") and "(attempt 3)" in retry and "deadlock" in retry
+
+
+def test_the_live_view_fits_80_columns_and_keeps_ids_whole():
+    console = Console(width=80, record=True, force_terminal=True, color_system=None)
+    p = progress(done=4, running=2, queued=5)
+    console.print(_view(80, p, 550, 1234.5, ["w1@h"]))
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    assert "55% 550/1,000 rows 1,234/s ETA 0:00:00" in lines[0] and "━" in lines[0]
+    text = "".join(line.strip() for line in lines[2:])
+    assert p.retrying[0].chunk_id in text, "a folded chunk id is still whole once joined"
+
+
+def test_the_check_summary_sums_every_failing_partition():
+    checks = [{"entity": "prediction_stats_hourly", "partition": p, "ok": ok, "source_rows": s, "target_rows": t,
+               "rejected_rows": 0, "detail": d}
+              for p, ok, s, t, d in (("d1", False, 100, 60, "40 rows missing"), ("d2", False, 50, 20, "30 rows missing"),
+                                     ("d3", True, 10, 10, ""))]
+    console = Console(width=200, record=True, color_system=None)
+    show_check_summary(console, checks)
+    out = console.export_text()
+    assert "2 of 3 partitions disagree: source 150, target 80" in out and "first: 40 rows missing" in out
