@@ -26,7 +26,7 @@ from common.urls import mask
 from producer import commands, display
 from producer.progress import follow
 
-MULTI_VALUE_OPTIONS = ("--deployment-ids", "--partitions", "--experiment-ids", "--model-names")
+MULTI_VALUE_OPTIONS = ("--deployment-ids", "--partitions", "--experiment-ids", "--user-ids", "--model-names")
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -46,8 +46,8 @@ def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """What to migrate and where; migration-specific flags reach the migration's `plan_options`."""
-    @click.option("--deployment-ids", "--partitions", "--experiment-ids", "partitions", multiple=True,
-                  metavar="ID ...", help="Only these partitions (deployment or experiment ids); several may "
+    @click.option("--deployment-ids", "--partitions", "--experiment-ids", "--user-ids", "partitions", multiple=True,
+                  metavar="ID ...", help="Only these partitions (deployment, experiment or user ids); several may "
                   "follow the flag, or comma-separated.")
     @click.option("--model-names", "model_names", multiple=True, metavar="NAME ...",
                   help="Only these registered models (MLflow registry tables).")
@@ -176,6 +176,32 @@ def report(settings: Settings, run_id: str, as_json: bool, refresh: bool) -> Non
     body = commands.report(settings, run_id, refresh=refresh)
     _print_report(body, as_json)
     sys.exit(0 if body["verdict"] == "clean" else 1)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--into", metavar="COLLECTION", help="Rebuild into this collection [the split's source collection].")
+@click.option("--verify", is_flag=True, help="Compare every rebuilt document with its original, field by field and "
+              "type by type, before writing it; one that differs is not written and fails the run.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), help="Documents per chunk at most [default 50,000].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Documents per write batch inside a chunk.")
+@click.option("--max-rejects", type=click.IntRange(min=0), help="Fail the run when more documents are rejected.")
+@click.option("--wait", is_flag=True, help="Show live progress, then the report; exit 0 only on a clean verdict.")
+@click.option("--json", "as_json", is_flag=True, help="With --wait, print the report as JSON.")
+@settings_options
+def rollback(settings: Settings, run_id: str, into: str | None, verify: bool, chunk_rows: int | None,
+             batch_size: int | None, max_rejects: int | None, wait: bool, as_json: bool) -> None:
+    """Undo a userdata-split run: rebuild user_data documents from the two new collections, as a run."""
+    from producer.rollback import start_rollback
+
+    record = start_rollback(settings, run_id, into, verify, chunk_rows or settings.chunk_rows,
+                            max_rejects if max_rejects is not None else settings.max_rejects,
+                            batch_size or settings.batch_size)
+    err_console.print(f"run [bold]{record.run_id}[/] (rollback of {run_id}): {record.total_rows:,} documents in "
+                      f"{record.chunk_count} chunks enqueued; `shuttle watch {record.run_id}` follows it")
+    if wait:
+        _follow_and_exit(settings, record.run_id, as_json)
+    console.print(record.run_id)
 
 
 @cli.command()

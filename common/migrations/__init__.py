@@ -11,6 +11,8 @@ CATALOGUE: dict[str, str] = {
     "modmon": "common.migrations.modmon:Modmon",
     "mlflow-latest-metrics": "common.migrations.mlflow_latest_metrics:LatestMetrics",
     "mlflow-to-mongo": "common.migrations.mlflow_to_mongo:MlflowToMongo",
+    "userdata-split": "common.migrations.userdata_split:UserdataSplit",
+    "userdata-rollback": "common.migrations.userdata_rollback:UserdataRollback",
 }
 
 
