@@ -279,9 +279,12 @@ def purge(settings: Settings, migration: str, purge_all: bool, before: datetime 
 
 
 @cli.command()
-@click.option("--rows", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
-              help="Archived predictions to generate.")
-@click.option("--deployments", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--migration", type=click.Choice(["modmon", "userdata-split"]), default="modmon", show_default=True,
+              help="Which migration to demonstrate (userdata-split needs a MongoDB server: --source-url mongodb://…).")
+@click.option("--rows", type=click.IntRange(min=1000), default=None,
+              help="Archived predictions (modmon, default 1,000,000) or user_data documents (default 100,000).")
+@click.option("--deployments", "--users", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Deployments (modmon) or users (userdata-split).")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Local worker processes to start (0: use workers already running).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=50_000, show_default=True)
@@ -290,7 +293,7 @@ def purge(settings: Settings, migration: str, purge_all: bool, before: datetime 
 @click.option("--skip-data", is_flag=True, help="Reuse the demo source already built.")
 @settings_options
 def demo(settings: Settings, **options: Any) -> None:
-    """Build a realistic demo source, start local workers, run `modmon` and print the report."""
+    """Build a realistic demo source, start local workers, run the migration and print the report."""
     from producer.demo import run_demo
 
     verdict = run_demo(settings, console, **options)

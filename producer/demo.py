@@ -1,4 +1,4 @@
-"""`shuttle demo`: a realistic modmon source, local workers, a full run, and its report."""
+"""`shuttle demo`: a realistic source (modmon, or userdata-split), local workers, a full run, and its report."""
 
 from __future__ import annotations
 
@@ -18,11 +18,17 @@ from producer.local_workers import LocalWorkers, start_flower
 from producer.progress import follow
 
 DEFAULT_DEMO_URL = "postgresql://postgres@127.0.0.1:5432/shuttle_demo"
+DEFAULT_MONGO_DEMO_URL = "mongodb://127.0.0.1:27017/shuttle_demo"
 
 
-def run_demo(settings: Settings, console: Console, *, rows: int, deployments: int, workers: int, chunk_rows: int,
-             source_url: str | None, flower_url: str | None, skip_data: bool) -> str:
+def run_demo(settings: Settings, console: Console, *, migration: str = "modmon", rows: int | None, deployments: int,
+             workers: int, chunk_rows: int, source_url: str | None, flower_url: str | None, skip_data: bool) -> str:
     """Returns the verdict."""
+    if migration == "userdata-split":
+        return run_userdata_demo(settings, console, documents=rows or 100_000, users=deployments, workers=workers,
+                                 chunk_rows=chunk_rows, source_url=source_url, flower_url=flower_url,
+                                 skip_data=skip_data)
+    rows = rows or 1_000_000
     url = source_url or settings.source_url or DEFAULT_DEMO_URL
     settings = settings.model_copy(update={"source_url": url, "target_url": settings.target_url or url})
     if not skip_data:
@@ -48,6 +54,47 @@ def run_demo(settings: Settings, console: Console, *, rows: int, deployments: in
         display.show_report(console, report)
         console.print(f"\nnext: `shuttle report {run.run_id} --json`, `shuttle verify {run.run_id}`, "
                       f"then `shuttle purge modmon --before 2026-06-04 --dry-run`")
+        return report["verdict"]
+    finally:
+        if workers:
+            pool.stop()
+        if flower is not None:
+            os.killpg(flower.pid, signal.SIGTERM)
+
+
+def run_userdata_demo(settings: Settings, console: Console, *, documents: int, users: int, workers: int,
+                      chunk_rows: int, source_url: str | None, flower_url: str | None, skip_data: bool) -> str:
+    """`userdata-split` on generated `user_data` documents, source and target in one MongoDB database."""
+    import pymongo
+
+    from common.migrations.userdata_fixtures import build_source as build_user_data
+
+    url = source_url or DEFAULT_MONGO_DEMO_URL
+    settings = settings.model_copy(update={"source_url": url, "target_url": url})
+    if not skip_data:
+        console.print(f"building the demo source in {mask(url)}: {documents:,} user_data documents of {users} users …")
+        started = time.monotonic()
+        with pymongo.MongoClient(url) as client:
+            database = client.get_default_database("shuttle_demo")
+            data = build_user_data(database, documents, users=users, bad=True)
+            for collection in ("dataset_metadata", "transformation_configs", "user_data_restored"):
+                database.drop_collection(collection)
+        console.print(f"  {data.total:,} documents ({len(data.rejected)} bad on purpose) "
+                      f"in {time.monotonic() - started:.1f}s")
+    flower = start_flower(settings) if workers else None
+    pool = LocalWorkers(settings, workers, name="demo")
+    try:
+        if workers:
+            console.print(f"starting {workers} local worker processes …")
+            pool.__enter__()
+        run = commands.start_run(settings, "userdata-split", Selection(), chunk_rows, settings.max_rejects)
+        console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} documents in {run.chunk_count} chunks; "
+                      f"Flower: {flower_url or settings.flower_url}")
+        with commands.open_ledger(settings) as ledger:
+            report: dict[str, Any] = follow(console, ledger, run.run_id,
+                                            lambda rid: commands.finalize_here(settings, ledger, rid))
+        display.show_report(console, report)
+        console.print(f"\nnext: `shuttle rollback {run.run_id} --into user_data_restored --verify --wait`")
         return report["verdict"]
     finally:
         if workers:
