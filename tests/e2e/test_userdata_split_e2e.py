@@ -95,7 +95,7 @@ def test_clean_split_exact_counts_and_rejects(ud, baseline):
     checks = {c["entity"]: c for c in baseline["checks"]}
     assert checks["history = configs applied"]["ok"] and checks["history = configs applied"]["target_rows"] == \
         data.with_history
-    assert checks["user_data (sample)"]["ok"] and checks["user_data (sample)"]["source_rows"] == 60
+    assert checks["user_data (sample)"]["ok"] and 0 < checks["user_data (sample)"]["source_rows"] <= 60
     assert checks["dataset_metadata (indexes)"]["ok"] and checks["transformation_configs (indexes)"]["ok"]
     per_user = {(r["entity"], r["partition"]): r["target_rows"] for r in baseline["partitions"]}
     assert per_user[("dataset_metadata", "user_0000")] == data.per_user["user_0000"] - 3  # three bad ones are hers
