@@ -163,6 +163,7 @@ def test_worker_killed_mid_run_then_resume(ud, baseline):
 
 
 @pytest.mark.skipif(not LARGE, reason="100,000 documents: set SHUTTLE_TEST_USERDATA_100K=1 (about 15 min on nx-27017)")
+@pytest.mark.timeout(3600)
 def test_split_of_100k_documents(ud):
     data = build_source(db(ud, "large_src"), 100_000, users=40, bad=True, preview_kb=1.0)
     code, report = split(ud, "large", "--chunk-rows", "5000", "--sample", "200", source="large_src")
