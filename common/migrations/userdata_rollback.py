@@ -28,7 +28,7 @@ from common.connectors.mongo import Sink, translate_errors
 from common.connectors.mongo_source import Source
 from common.migrations.base import Check, Migration, ProgressCallback, Selection
 from common.migrations.userdata_mapping import config_id, differences, join
-from common.migrations.userdata_split import (CONFIGS, DEFAULT_BATCH, METADATA, group_counts, plan_chunks, truthy,
+from common.migrations.userdata_split import (CONFIGS, DEFAULT_BATCH, METADATA, cut_chunks, group_counts, truthy,
                                               unknown_partitions)
 from common.model import ChunkOutcome, ChunkSpec, PartitionCount, Reject, WriteCounts
 from common.write_behind import WriteBehind
@@ -84,7 +84,7 @@ class UserdataRollback(Migration):
     def plan_chunks(self, selection: Selection, chunk_rows: int) -> Iterator[ChunkSpec]:
         if self._counts is None:
             self.count_partitions(selection)
-        yield from plan_chunks(self.source, self._counts or {}, METADATA, chunk_rows)
+        yield from cut_chunks(self.source, self._counts or {}, METADATA, chunk_rows)
 
     def prepare_target(self) -> None:
         self.sink.ensure_collections([self.into])

@@ -51,7 +51,7 @@ def truthy(value: Any) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
-def plan_chunks(source: Source, counts: dict[str, int], entity: str, chunk_rows: int) -> Iterator[ChunkSpec]:
+def cut_chunks(source: Source, counts: dict[str, int], entity: str, chunk_rows: int) -> Iterator[ChunkSpec]:
     """A partition that fits is one chunk over every `_id`; a larger one is cut at the data's own `_id`s."""
     for partition in sorted(counts):
         rows = counts[partition]
@@ -151,7 +151,7 @@ class UserdataSplit(Migration):
     def plan_chunks(self, selection: Selection, chunk_rows: int) -> Iterator[ChunkSpec]:
         if self._counts is None:
             self.count_partitions(selection)
-        yield from plan_chunks(self.source, self._counts or {}, ENTITY, chunk_rows)
+        yield from cut_chunks(self.source, self._counts or {}, ENTITY, chunk_rows)
 
     def prepare_target(self) -> None:
         """The collections only: their indexes are built after the load (`finish_target`)."""
