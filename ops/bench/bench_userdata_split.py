@@ -181,7 +181,8 @@ def render(args, server: str, docs: int, results: dict[str, list[dict[str, Any]]
              f"- dataset: `userdata_fixtures.build_source` ({docs:,} documents, {args.users} users of skewed sizes, "
              f"with bad documents; ~{args.preview_kb:g} KB previews)",
              f"- command: `.venv/bin/python ops/bench/bench_userdata_split.py --docs {args.docs} "
-             f"--repeats {args.repeats} --users {args.users}`; chunk rows {chunk_rows:,}", "",
+             f"--repeats {args.repeats} --users {args.users}"
+             + (f" --chunk-rows {args.chunk_rows}" if args.chunk_rows else "") + f"`; chunk rows {chunk_rows:,}", "",
              "| method | documents/s min | median | max |", "|---|---|---|---|"]
     for label in METHODS:
         if label in rate:
