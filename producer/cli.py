@@ -32,7 +32,7 @@ from producer import commands, display
 from producer.progress import follow
 from producer.worker_watch import WorkerWatch
 
-MULTI_VALUE_OPTIONS = ("--deployment-ids", "--partitions", "--experiment-ids", "--model-names")
+MULTI_VALUE_OPTIONS = ("--deployment-ids", "--partitions", "--experiment-ids", "--user-ids", "--model-names")
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -65,8 +65,8 @@ def database_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """What to migrate and where; migration-specific flags reach the migration's `plan_options`."""
-    @click.option("--deployment-ids", "--partitions", "--experiment-ids", "partitions", multiple=True,
-                  metavar="ID ...", callback=_ids, help="Only these partitions (deployment or experiment ids); "
+    @click.option("--deployment-ids", "--partitions", "--experiment-ids", "--user-ids", "partitions", multiple=True,
+                  metavar="ID ...", callback=_ids, help="Only these partitions (deployment, experiment or user ids); "
                   "several may follow the flag, or comma-separated.")
     @click.option("--model-names", "model_names", multiple=True, metavar="NAME ...", callback=_ids,
                   help="Only these registered models (MLflow registry tables) or model names (model-files).")
@@ -254,6 +254,32 @@ def report(settings: Settings, run_id: str, as_json: bool, refresh: bool) -> Non
 
 @cli.command()
 @click.argument("run_id")
+@click.option("--into", metavar="COLLECTION", help="Rebuild into this collection [the split's source collection].")
+@click.option("--verify", is_flag=True, help="Compare every rebuilt document with its original, field by field and "
+              "type by type, before writing it; one that differs is not written and fails the run.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), help="Documents per chunk at most [default 50,000].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Documents per write batch inside a chunk.")
+@click.option("--max-rejects", type=click.IntRange(min=0), help="Fail the run when more documents are rejected.")
+@click.option("--wait", is_flag=True, help="Show live progress, then the report; exit 0 only on a clean verdict.")
+@click.option("--json", "as_json", is_flag=True, help="With --wait, print the report as JSON.")
+@settings_options
+def rollback(settings: Settings, run_id: str, into: str | None, verify: bool, chunk_rows: int | None,
+             batch_size: int | None, max_rejects: int | None, wait: bool, as_json: bool) -> None:
+    """Undo a userdata-split run: rebuild user_data documents from the two new collections, as a run."""
+    from producer.rollback import start_rollback
+
+    record = start_rollback(settings, run_id, into, verify, chunk_rows or settings.chunk_rows,
+                            max_rejects if max_rejects is not None else settings.max_rejects,
+                            batch_size or settings.batch_size)
+    err_console.print(f"run [bold]{record.run_id}[/] (rollback of {run_id}): {record.total_rows:,} documents in "
+                      f"{record.chunk_count} chunks enqueued; `shuttle watch {record.run_id}` follows it")
+    if wait:
+        _follow_and_exit(settings, record.run_id, as_json)
+    console.print(record.run_id)
+
+
+@cli.command()
+@click.argument("run_id")
 @settings_options
 def cancel(settings: Settings, run_id: str) -> None:
     """Cancel a run: queued chunks are skipped, running ones finish their transaction."""
@@ -431,9 +457,13 @@ def metrics(settings: Settings, port: int, address: str, window_hours: float) ->
 
 
 @cli.command()
-@click.option("--rows", type=click.IntRange(min=1000), default=1_000_000, show_default=True,
-              help="Archived predictions to generate.")
-@click.option("--deployments", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--migration", type=click.Choice(["modmon", "userdata-split", "model-files"]), default="modmon",
+              show_default=True, help="Which migration to demonstrate (userdata-split needs a MongoDB server: "
+              "--source-url mongodb://…).")
+@click.option("--rows", type=click.IntRange(min=1000), default=None,
+              help="Archived predictions (modmon, default 1,000,000) or user_data documents (default 100,000).")
+@click.option("--deployments", "--users", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Deployments (modmon) or users (userdata-split).")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Local worker processes to start (0: use workers already running).")
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=50_000, show_default=True)
@@ -441,15 +471,13 @@ def metrics(settings: Settings, port: int, address: str, window_hours: float) ->
               help="Where to build the demo source [postgresql://postgres@127.0.0.1:5432/shuttle_demo].")
 @click.option("--flower-url", help="Flower address to print [SHUTTLE_FLOWER_URL].")
 @click.option("--skip-data", is_flag=True, help="Reuse the demo source already built.")
-@click.option("--migration", type=click.Choice(["modmon", "model-files"]), default="modmon", show_default=True,
-              help="Which migration the demo runs.")
 @click.option("--models-dir", default="/tmp/shuttle-demo-models", show_default=True,
               help="model-files: where the demo writes its model files (a path every worker sees).")
 @click.option("--keep-flower/--stop-flower", default=True, show_default=True,
               help="Leave the Flower the demo started running, to look at the run afterwards.")
 @settings_options
 def demo(settings: Settings, **options: Any) -> None:
-    """Build a realistic demo source, start local workers, run a migration (`modmon`) and print the report."""
+    """Build a realistic demo source, start local workers, run the migration and print the report."""
     from producer.demo import run_demo
 
     verdict = run_demo(settings, console, **options)

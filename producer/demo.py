@@ -1,5 +1,5 @@
-"""`shuttle demo`: a realistic source (modmon's, or a tree of model files), local workers, a full run,
-and its report."""
+"""`shuttle demo`: a realistic source (modmon's, user_data documents, or a tree of model files), local
+workers, a full run, and its report."""
 
 from __future__ import annotations
 
@@ -23,17 +23,23 @@ from producer.progress import follow
 
 DEFAULT_DEMO_URL = "postgresql://postgres@127.0.0.1:5432/shuttle_demo"
 DEFAULT_MODELS_DIR = "/tmp/shuttle-demo-models"
+DEFAULT_MONGO_DEMO_URL = "mongodb://127.0.0.1:27017/shuttle_demo"
 
 
-def run_demo(settings: Settings, console: Console, *, rows: int, deployments: int, workers: int, chunk_rows: int,
-             source_url: str | None, flower_url: str | None, skip_data: bool, migration: str = "modmon",
+def run_demo(settings: Settings, console: Console, *, migration: str = "modmon", rows: int | None, deployments: int,
+             workers: int, chunk_rows: int, source_url: str | None, flower_url: str | None, skip_data: bool,
              models_dir: str = DEFAULT_MODELS_DIR, keep_flower: bool = True) -> str:
     """Returns the verdict. The Flower it started stays up (unless told otherwise), so its address still
     answers once the report is read."""
+    if migration == "userdata-split":
+        return run_userdata_demo(settings, console, documents=rows or 100_000, users=deployments, workers=workers,
+                                 chunk_rows=chunk_rows, source_url=source_url, flower_url=flower_url,
+                                 skip_data=skip_data, keep_flower=keep_flower)
     if migration == "model-files":
         return _model_files_demo(settings, console, workers=workers, flower_url=flower_url, skip_data=skip_data,
                                  models_dir=Path(models_dir), target_url=settings.target_url or DEFAULT_DEMO_URL,
                                  keep_flower=keep_flower)
+    rows = rows or 1_000_000
     url = source_url or settings.source_url or DEFAULT_DEMO_URL
     settings = settings.model_copy(update={"source_url": url, "target_url": settings.target_url or url})
     if not skip_data:
@@ -103,3 +109,35 @@ def _local_workers(settings: Settings, console: Console, workers: int, flower_ur
                           f"(`kill {flower.pid}` stops it)", soft_wrap=True)
         elif flower is not None:
             os.killpg(flower.pid, signal.SIGTERM)
+
+
+def run_userdata_demo(settings: Settings, console: Console, *, documents: int, users: int, workers: int,
+                      chunk_rows: int, source_url: str | None, flower_url: str | None, skip_data: bool,
+                      keep_flower: bool = True) -> str:
+    """`userdata-split` on generated `user_data` documents, source and target in one MongoDB database."""
+    import pymongo
+
+    from common.migrations.userdata_fixtures import build_source as build_user_data
+
+    url = source_url or DEFAULT_MONGO_DEMO_URL
+    settings = settings.model_copy(update={"source_url": url, "target_url": url})
+    if not skip_data:
+        console.print(f"building the demo source in {mask(url)}: {documents:,} user_data documents of {users} users …")
+        started = time.monotonic()
+        with pymongo.MongoClient(url) as client:
+            database = client.get_default_database("shuttle_demo")
+            data = build_user_data(database, documents, users=users, bad=True)
+            for collection in ("dataset_metadata", "transformation_configs", "user_data_restored"):
+                database.drop_collection(collection)
+        console.print(f"  {data.total:,} documents ({len(data.rejected)} bad on purpose) "
+                      f"in {time.monotonic() - started:.1f}s")
+    with _local_workers(settings, console, workers, flower_url, keep_flower):
+        run = commands.start_run(settings, "userdata-split", Selection(), chunk_rows, settings.max_rejects)
+        console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} documents in {run.chunk_count} chunks; "
+                      f"Flower: {mask(flower_url or settings.flower_url)}")
+        with commands.open_ledger(settings) as ledger:
+            report: dict[str, Any] = follow(console, ledger, run.run_id,
+                                            lambda rid: commands.finalize_here(settings, ledger, rid))
+        display.show_report(console, report)
+        console.print(f"\nnext: `shuttle rollback {run.run_id} --into user_data_restored --verify --wait`")
+        return report["verdict"]

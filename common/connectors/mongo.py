@@ -132,7 +132,6 @@ class Sink(BaseSink):
         self._timeout_ms = timeout_ms
         # A ready client may be handed in (the tests' in-process mongomock); otherwise opened on first use.
         self._client: pymongo.MongoClient | None = client
-        self._nx: bool | None = None  # the target is the nx-27017 stand-in (see index_gap)
         self._read_first: dict[str, bool] = {}  # per collection: what the previous batch found (module doc)
 
     # -- connection ------------------------------------------------------------------------------
@@ -303,25 +302,6 @@ class Sink(BaseSink):
                 except OperationFailure as exc:
                     refused[index] = _first_line(exc)
         return refused
-
-    def index_gap(self, index: Index) -> str | None:
-        """Why this server cannot build `index` when that is a known gap of a stand-in, else None.
-
-        nx-27017 names a single-field index `idx_<collection>_<field>`, so one on a field called `id` gets
-        the name of its hidden `_id` index: `create_index` answers ok, builds nothing and lists nothing.
-        A real MongoDB has no such gap; nx-27017 names itself in `buildInfo` (`process: nx_27017`)."""
-        if len(index.keys) == 1 and index.keys[0][0] == "id" and self._is_nx_27017():
-            return "not buildable on nx-27017 (an index on a field named `id` collides with its `_id` index)"
-        return None
-
-    def _is_nx_27017(self) -> bool:
-        if self._nx is None:
-            with translate_errors(f"target {self.public_url}"):
-                try:
-                    self._nx = self.client.admin.command("buildInfo").get("process") == "nx_27017"
-                except OperationFailure:
-                    self._nx = False
-        return self._nx
 
     def indexes(self, collection: str) -> list[Index]:
         """The collection's indexes as the server lists them (`_id` included)."""

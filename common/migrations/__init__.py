@@ -12,6 +12,8 @@ CATALOGUE: dict[str, str] = {
     "mlflow-latest-metrics": "common.migrations.mlflow_latest_metrics:LatestMetrics",
     "mlflow-to-mongo": "common.migrations.mlflow_to_mongo:MlflowToMongo",
     "model-files": "common.migrations.model_files:ModelFiles",
+    "userdata-split": "common.migrations.userdata_split:UserdataSplit",
+    "userdata-rollback": "common.migrations.userdata_rollback:UserdataRollback",
 }
 
 

@@ -415,16 +415,14 @@ class MlflowToMongo(Migration):
         for name, wanted in sorted(self.indexes().items()):
             present = {(_fields(i), i.unique) for i in self.sink.indexes(self.collection(name))}
             absent = [i for i in wanted if (_fields(i), i.unique) not in present]
-            problems, gaps = [], []
+            problems = []
             for index in absent:
-                if gap := self.sink.index_gap(index):
-                    gaps.append(f"{_describe(index)} {gap}")
-                elif refused := self._refused_indexes.get((name, index)):
+                if refused := self._refused_indexes.get((name, index)):
                     problems.append(f"{_describe(index)} could not be built: {refused}")
                 else:
                     problems.append(f"{_describe(index)} missing")
             checks.append(Check(f"{name} (indexes)", "indexes", not problems, len(wanted), len(wanted) - len(absent),
-                                0, "; ".join(problems + gaps)))
+                                0, "; ".join(problems)))
         return checks
 
     def _reference_checks(self, partitions: list[str], whole: bool) -> list[Check]:

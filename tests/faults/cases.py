@@ -55,6 +55,7 @@ class Case(ABC):
     pg_databases: tuple[str, ...]  # where the workers' PostgreSQL connections live (cut by fault 4)
     target_database: str | None = None  # the PostgreSQL target database (refused by fault 5), if any
     server: NxServer | None = None  # the MongoDB server process this case owns, if any
+    not_applicable: dict[str, str] = {}  # fault test name → why it does not apply to this migration
 
     def __init__(self, env: Env) -> None:
         self.env = env
@@ -381,3 +382,79 @@ class MongoCase(Case):
             for name in client.list_database_names():
                 if name.startswith(self.prefix):
                     client.drop_database(name)
+
+
+# -- MongoDB → MongoDB --------------------------------------------------------------------------------
+
+
+class UserdataCase(MongoCase):
+    """`userdata-split`: a `user_data` collection built once per session (skewed users, bad documents) on the
+    case's MongoDB server; each target is a database of its own holding the two new collections."""
+
+    migration = "userdata-split"
+    chunk_rows = 300
+    small_chunk_rows = 120
+    docs = 2_400
+    # Fault 4 cuts the workers' PostgreSQL source and target connections: this migration has none.
+    not_applicable = {"test_worker_database_connections_terminated_mid_chunk":
+                      "no PostgreSQL source or target: MongoDB to MongoDB"}
+
+    def __init__(self, env: Env, mongo_uri: str, server: NxServer | None) -> None:
+        super().__init__(env, mongo_uri, server)
+        self.pg_databases = ()
+        self.prefix = f"shuttle_faults_ud_{os.getpid()}_"
+
+    @cached_property
+    def data(self):
+        from common.migrations.userdata_fixtures import build_source
+
+        return build_source(self.db("source"), self.docs, users=10, bad=True)
+
+    def source_url(self) -> str:
+        _ = self.data
+        return f"{self.mongo_uri}/{self.prefix}source"
+
+    def target_args(self, name: str) -> tuple[str, ...]:
+        return ("--source-url", self.source_url(), "--target-url", f"{self.mongo_uri}/{self.prefix}{name}")
+
+    @cached_property
+    def _expected(self) -> Expected:
+        good = self.data.total - len(self.data.rejected)
+        return Expected(self.data.total, tuple(sorted(self.data.rejected)),
+                        {"dataset_metadata": good, "transformation_configs": good})
+
+
+class UserdataRollbackCase(UserdataCase):
+    """`userdata-rollback` (what `shuttle rollback RUN` starts): its source is a split of the same `user_data`,
+    made once per session in this process; each target is a database where `user_data` is rebuilt."""
+
+    migration = "userdata-rollback"
+
+    def __init__(self, env: Env, mongo_uri: str, server: NxServer | None) -> None:
+        super().__init__(env, mongo_uri, server)
+        self.prefix = f"shuttle_faults_udr_{os.getpid()}_"
+
+    @cached_property
+    def split_url(self) -> str:
+        from common.migrations.base import Selection
+        from common.migrations.userdata_split import UserdataSplit
+
+        url = f"{self.mongo_uri}/{self.prefix}split"
+        split = UserdataSplit(self.source_url(), url, UserdataSplit.plan_options())
+        try:
+            split.count_partitions(Selection())
+            split.prepare_target()
+            for spec in split.plan_chunks(Selection(), 10_000):
+                split.run_chunk(spec, lambda rows: None)
+        finally:
+            split.close()
+        return url
+
+    def target_args(self, name: str) -> tuple[str, ...]:
+        return ("--source-url", self.split_url, "--target-url", f"{self.mongo_uri}/{self.prefix}{name}",
+                "--option", "verify=true")
+
+    @cached_property
+    def _expected(self) -> Expected:
+        good = self.data.total - len(self.data.rejected)
+        return Expected(good, (), {"user_data": good})

@@ -18,7 +18,8 @@ import redis
 
 from common.migrations.modmon_fixtures import build_source
 from tests.conftest import REDIS_BASE, create_db, drop_db
-from tests.faults.cases import Case, LatestMetricsCase, ModelFilesCase, ModmonCase, MongoCase
+from tests.faults.cases import (Case, LatestMetricsCase, ModelFilesCase, ModmonCase, MongoCase, UserdataCase,
+                               UserdataRollbackCase)
 from tests.harness import Env
 from tests.mongo_server import REAL_MONGO_URI, NxServer
 
@@ -134,8 +135,24 @@ def model_files_case(faults: Env, tmp_path_factory) -> Iterator[ModelFilesCase]:
     case.cleanup()
 
 
+@pytest.fixture(scope="session")
+def userdata_case(mongo_case: MongoCase) -> Iterator[UserdataCase]:
+    """On the MongoDB server of `mongo_case` (its faults stop, kill and restart that one process)."""
+    case = UserdataCase(mongo_case.env, mongo_case.mongo_uri, mongo_case.server)
+    yield case
+    case.cleanup()
+
+
+@pytest.fixture(scope="session")
+def rollback_case(mongo_case: MongoCase) -> Iterator[UserdataRollbackCase]:
+    case = UserdataRollbackCase(mongo_case.env, mongo_case.mongo_uri, mongo_case.server)
+    yield case
+    case.cleanup()
+
+
 CASES = {"modmon": "modmon_case", "mlflow-latest-metrics": "latest_case", "mlflow-to-mongo": "mongo_case",
-         "model-files": "model_files_case"}
+         "model-files": "model_files_case", "userdata-split": "userdata_case",
+         "userdata-rollback": "rollback_case"}
 
 
 @pytest.fixture(scope="session", params=list(CASES))
@@ -147,3 +164,12 @@ def case(request) -> Case:
 @pytest.fixture(scope="session")
 def baseline(case: Case) -> object:
     return case.baseline
+
+
+@pytest.fixture(autouse=True)
+def _fault_applies(request) -> None:
+    """Skips a fault test for a case it does not apply to (`Case.not_applicable`, with the reason)."""
+    if "case" in request.fixturenames and hasattr(request.node, "callspec"):
+        reason = request.getfixturevalue("case").not_applicable.get(request.node.originalname)
+        if reason:
+            pytest.skip(reason)
