@@ -10,7 +10,6 @@ import pytest
 import redis
 
 from common.migrations import CATALOGUE
-
 from tests.harness import wait_for
 
 pytestmark = pytest.mark.e2e
