@@ -13,6 +13,7 @@ import time
 from types import TracebackType
 
 from common.ledger import Ledger
+from common.urls import mask
 
 log = logging.getLogger("shuttle.worker")
 ROWS_EVERY_S = 1.0
@@ -58,4 +59,4 @@ class Heartbeat:
                     log.warning("chunk %s: this attempt no longer holds it (sent again after going silent); "
                                 "its outcome will not be recorded", self.chunk_id)
             except Exception as exc:  # noqa: BLE001 - a missed beat is only late; it must not end the chunk
-                log.warning("chunk %s: heartbeat not written (%s); trying again", self.chunk_id, exc)
+                log.warning("chunk %s: heartbeat not written (%s); trying again", self.chunk_id, mask(str(exc)))

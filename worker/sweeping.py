@@ -13,6 +13,7 @@ from common.broker import Broker
 from common.ledger import Ledger
 from common.settings import Settings
 from common.sweeper import Sweeper
+from common.urls import mask
 
 log = logging.getLogger("shuttle.sweeper")
 
@@ -43,7 +44,7 @@ class SweeperThread:
                         ready = True
                     sweeper.sweep()
                 except Exception as exc:  # noqa: BLE001 - the next sweep tries again; the thread must live on
-                    log.warning("sweeper of queue %s: %s", self.settings.queue, exc)
+                    log.warning("sweeper of queue %s: %s", self.settings.queue, mask(str(exc)))
         finally:
             broker.close()
             ledger.dispose()

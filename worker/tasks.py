@@ -16,6 +16,7 @@ from celery import Task
 
 from common.celery_config import COPY_CHUNK, FINALIZE_RUN
 from common.errors import ChunkFailed, TransientError
+from common.urls import mask
 from worker.app import app, context, settings
 from worker.coordinator import finalize
 from worker.runner import RetryChunk, fail_chunk, hold_for_retry, run_chunk
@@ -106,4 +107,4 @@ def enqueue_finalize(run_id: str) -> None:
         finalize_run.apply_async(args=[run_id], task_id=f"{run_id}:finalize", argsrepr=repr(run_id))
     except Exception as exc:  # noqa: BLE001 - kombu raises several kinds; the ledger still says who finalizes
         log.warning("Worker %s: coordinator of run %s not started now (%s); the sweeper will", context.name,
-                    run_id, exc)
+                    run_id, mask(str(exc)))
