@@ -59,3 +59,24 @@ def reword_database_failure(exc: ServiceUnavailable, migration: str) -> ServiceU
                                   f"password in {setting}")
     return ServiceUnavailable(f"{role} {kind} {url} is unreachable ({detail}); check {setting} and that the "
                               "server is running")
+
+
+_WORKER_FAILURE = re.compile(r"^(source|target) (database|MongoDB) (\S+) is unreachable: (.*?)(; check .*)?$", re.S)
+
+
+def on_worker(message: str, migration: str | None = None) -> str:
+    """A worker's source or target failure, reworded with what to fix on that worker.
+
+    A worker takes a URL's password from its own settings, not from the producer's, so the fix for a
+    chunk that cannot connect is on the host that ran it. Other messages are returned as they are."""
+    found = _WORKER_FAILURE.match(message)
+    if found is None:
+        return message
+    role, kind, url, detail, _ = found.groups()
+    own = f"[migrations.{migration}]" if migration else "its [migrations.NAME] table"
+    if is_auth_failure(detail):
+        return (f"{role} {kind} {url}: authentication failed on this worker ({detail}); check the password the "
+                f"worker has in SHUTTLE_{role.upper()}_URL, {role}_url in {own} of the worker's config file, "
+                "or PGPASSFILE on the worker's host")
+    return (f"{role} {kind} {url} is unreachable from this worker ({detail}); check that the server is running "
+            "and that this worker's host can reach it")

@@ -85,7 +85,7 @@ def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str])
         shown = f"[{style}]{verdict}[/]" if verdict and style else r.status
         if wide and verdict:
             shown = f"{r.status} / {shown}"
-        took = _duration((r.finished_at - r.created_at).total_seconds()) if r.finished_at and r.created_at else ""
+        took = _elapsed(r)
         target = r.target_url or ""
         cells = [r.run_id, shown, f"{r.total_rows:,}", took, escape(target if wide else _short_url(target))]
         if wide:
@@ -224,6 +224,17 @@ def _short_url(url: str) -> str:
     """`host:port/database` of a URL (its scheme and user dropped), for narrow tables."""
     rest = url.split("://", 1)[-1]
     return rest.rpartition("@")[2]
+
+
+def _elapsed(run: RunRecord) -> str:
+    """How long a finished run took, or how long a running one has run so far (marked "so far")."""
+    if not run.created_at:
+        return ""
+    if run.finished_at:
+        return _duration((run.finished_at - run.created_at).total_seconds())
+    if run.status == "running":
+        return f"{_duration((datetime.now(timezone.utc) - run.created_at).total_seconds())} so far"
+    return ""
 
 
 def _duration(seconds: float) -> str:

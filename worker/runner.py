@@ -18,6 +18,7 @@ from typing import Any
 
 from common.errors import TransientError
 from common.ledger import ChunkRecord, Claim, Skipped
+from common.service_errors import on_worker
 from common.urls import mask
 from worker.context import WorkerContext
 from worker.heartbeat import Heartbeat
@@ -36,10 +37,12 @@ class ChunkResult:
 class RetryChunk(Exception):
     """A transient error during an attempt: retry the task, continuing the claim `token` (None: none held)."""
 
-    def __init__(self, token: str | None, cause: TransientError) -> None:
+    def __init__(self, token: str | None, cause: TransientError, migration: str | None = None) -> None:
         super().__init__(str(cause))
         self.token = token
         self.cause = cause
+        # What the logs, `watch` and the ledger say: a connection failure names what to fix on this worker.
+        self.message = mask(on_worker(str(cause), migration))
 
 
 def run_chunk(context: WorkerContext, chunk_id: str, progress: Callable[[int, int], None],
@@ -65,10 +68,10 @@ def run_chunk(context: WorkerContext, chunk_id: str, progress: Callable[[int, in
 
             outcome = migration.run_chunk(claim.chunk.spec, on_rows)
     except TransientError as exc:
-        raise RetryChunk(claim.token, exc) from None
+        raise RetryChunk(claim.token, exc, claim.run.migration) from None
     except Exception as exc:  # noqa: BLE001 - any other error is final for this chunk: record it
         context.forget(claim.run.run_id)
-        message = mask(f"{type(exc).__name__}: {exc}")
+        message = mask(f"{type(exc).__name__}: {on_worker(str(exc), claim.run.migration)}")
         log.error("Worker %s: chunk %s failed: %s", context.name, chunk_id, message)
         return ChunkResult({"failed": message}, run_finished=_record_failure(context, claim.chunk, claim.token, message))
     duration = time.monotonic() - started

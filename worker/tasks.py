@@ -41,7 +41,7 @@ def copy_chunk(self: Task, run_id: str, chunk_id: str, reclaim: str | None = Non
         result = run_chunk(context, chunk_id, progress, reclaim)
     except RetryChunk as retry:
         if self.request.retries >= self.max_retries:
-            message = f"gave up after {self.request.retries} retries: {retry.cause}"
+            message = f"gave up after {self.request.retries} retries: {retry.message}"
             log.error("Worker %s: chunk %s %s", context.name, chunk_id, message)
             try:
                 if fail_chunk(context, chunk_id, retry.token, message):
@@ -51,9 +51,9 @@ def copy_chunk(self: Task, run_id: str, chunk_id: str, reclaim: str | None = Non
             show_result(self, chunk_id, f"failed: {message}")
             raise ChunkFailed(message) from None
         countdown = _backoff(self.request.retries)
-        hold_for_retry(context, chunk_id, retry.token, countdown, str(retry.cause))
+        hold_for_retry(context, chunk_id, retry.token, countdown, retry.message)
         log.warning("Worker %s: chunk %s transient error, retrying in %.0fs: %s", context.name, chunk_id,
-                    countdown, retry.cause)
+                    countdown, retry.message)
         raise self.retry(exc=retry.cause, countdown=countdown, kwargs={"reclaim": retry.token},
                          argsrepr=getattr(self.request, "argsrepr", None), kwargsrepr="{}") from None
     if result.run_finished:

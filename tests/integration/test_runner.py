@@ -12,7 +12,7 @@ from common.migrations.modmon_fixtures import build_source
 from common.settings import load_settings
 from producer.planner import make_plan, record_run
 from worker.context import WorkerContext
-from worker.runner import run_chunk
+from worker.runner import RetryChunk, run_chunk
 
 
 @pytest.fixture
@@ -54,3 +54,28 @@ def test_a_chunk_this_process_claimed_before_is_taken_over_at_once(planned):
     result = run_chunk(context, chunks[0].chunk_id, lambda rows, est: None)
     assert "skipped" not in result.summary, result.summary
     assert context.ledger.get_chunk(chunks[0].chunk_id).state == "done"
+
+
+
+def test_a_worker_that_cannot_reach_the_target_says_what_to_fix_on_that_worker(fresh_db):
+    """The producer reached the target when it planned, this worker cannot: the retry's message names the
+    setting to fix on the worker, and never the password."""
+    build_source(fresh_db, rows=500, deployments=1)
+    migration = Modmon(fresh_db, fresh_db, Modmon.plan_options())
+    try:
+        plan = make_plan(migration, Selection(), 100_000)
+    finally:
+        migration.close()
+    context = WorkerContext(load_settings(ledger_url=fresh_db, source_url=fresh_db))
+    context.ledger.ensure_schema()
+    run = record_run(context.ledger, plan, fresh_db, "postgresql://postgres:secret@127.0.0.1:1/nowhere", None, "q")
+    try:
+        with pytest.raises(RetryChunk) as retry:
+            run_chunk(context, context.ledger.chunks_of(run.run_id)[0].chunk_id, lambda rows, est: None)
+    finally:
+        context.close()
+    message = retry.value.message
+    assert message.startswith("target database postgresql://postgres@127.0.0.1:1/nowhere is unreachable from "
+                              "this worker (connection failed"), message
+    assert message.endswith("check that the server is running and that this worker's host can reach it")
+    assert "secret" not in message

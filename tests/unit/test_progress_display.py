@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 from rich.console import Console
 
-from common.ledger import Progress, Retrying
-from producer.display import show_check_summary
+from common.ledger import Progress, Retrying, RunRecord
+from producer.display import show_check_summary, show_runs
 from producer.progress import _view, retry_lines, summary_line
 
 
@@ -43,3 +45,19 @@ def test_the_check_summary_sums_every_failing_partition():
     show_check_summary(console, checks)
     out = console.export_text()
     assert "2 of 3 partitions disagree: source 150, target 80" in out and "first: 40 rows missing" in out
+
+
+def test_the_run_list_shows_how_long_a_finished_run_took_and_a_running_one_has_run():
+    now = datetime.now(timezone.utc)
+
+    def run(run_id: str, status: str, started_ago: float, took: float | None) -> RunRecord:
+        created = now - timedelta(seconds=started_ago)
+        return RunRecord(run_id, "modmon", status, {}, {}, "postgresql://db/src", "postgresql://db/dst", 10, 1, None,
+                         created_at=created, finished_at=created + timedelta(seconds=took) if took else None)
+
+    console = Console(width=80, record=True, force_terminal=True, color_system=None)
+    show_runs(console, [run("modmon-live", "running", 125, None), run("modmon-done", "completed", 900, 61)],
+              {"modmon-done": "clean"})
+    rows = {line.split()[1]: line for line in console.export_text().splitlines() if "modmon-" in line}
+    assert "2m0" in rows["modmon-live"] and "so far" in rows["modmon-live"]
+    assert "1m01s" in rows["modmon-done"] and "so far" not in rows["modmon-done"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common.errors import ServiceUnavailable
-from common.service_errors import reword_database_failure, service_unavailable
+from common.service_errors import on_worker, reword_database_failure, service_unavailable
 
 
 def test_ledger_and_broker_failures_name_the_setting_and_tell_authentication_apart():
@@ -27,3 +27,14 @@ def test_source_and_target_failures_are_reworded_with_their_settings():
     assert "source database postgresql://u:***@db/x: authentication failed" in str(reword_database_failure(auth, "m"))
     other = ServiceUnavailable("something else entirely")
     assert reword_database_failure(other, "m") is other
+
+
+def test_a_workers_connection_failure_names_what_to_fix_on_that_worker():
+    down = on_worker("source database postgresql://u:***@db:1/x is unreachable: connection failed: refused", "modmon")
+    assert down.startswith("source database postgresql://u:***@db:1/x is unreachable from this worker")
+    assert down.endswith("check that the server is running and that this worker's host can reach it")
+    refused = on_worker('source database postgresql://u:***@db/x is unreachable: FATAL:  password authentication '
+                        'failed for user "u"', "modmon")
+    assert refused.startswith("source database postgresql://u:***@db/x: authentication failed on this worker")
+    assert "SHUTTLE_SOURCE_URL, source_url in [migrations.modmon] of the worker's config file" in refused
+    assert on_worker("deadlock detected", "modmon") == "deadlock detected"
