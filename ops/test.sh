@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The test command: install, make sure the services run, run the whole suite (arguments go to pytest).
-# Two pytest processes share the test files (whole files each: a file's session fixtures are built once
-# per process); the end-to-end and fault tests mostly wait on workers and servers, so two run well on 2 cores.
+# Test processes share the suite by group (tests/conftest.py: a fault case with all its tests, any other file
+# whole), so session fixtures are built once per group; the end-to-end and fault tests mostly wait on workers
+# and servers, so two processes run well on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ops/install.sh
 ops/services.sh
 .venv/bin/ruff check --quiet .
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${SHUTTLE_TEST_PROCESSES:-2}" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${SHUTTLE_TEST_PROCESSES:-2}" --dist loadgroup "$@"

@@ -55,3 +55,28 @@ def mlflow_source():
     data = build_mlflow_source(url, experiments=4, runs_per_experiment=60, steps=45)
     yield url, data
     drop_db(name)
+
+
+# Fault tests that take a single case's fixture rather than the `case` parameter, by that fixture.
+_CASE_FIXTURES = {"userdata_case": "userdata-split", "rollback_case": "userdata-rollback",
+                  "model_files_case": "model-files", "latest_case": "mlflow-latest-metrics",
+                  "mongo_case": "mlflow-to-mongo", "modmon_case": "modmon"}
+
+
+def xdist_group_of(item: pytest.Item) -> str:
+    """Which tests share a test process (`--dist loadgroup`): a fault test goes with the other tests of its
+    migration case, wherever their file, so each case's baseline is built once and the cases spread over
+    the processes; every other test goes with its file, whose module fixtures it shares."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "case" in callspec.params:
+        return f"case-{callspec.params['case']}"
+    for fixture, case in _CASE_FIXTURES.items():
+        if fixture in item.fixturenames:
+            return f"case-{case}"
+    return item.nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
