@@ -49,18 +49,11 @@ def run_demo(settings: Settings, console: Console, *, migration: str = "modmon",
         drop_target(settings.target_url or url)  # buckets of an earlier demo's data would not reconcile
         console.print(f"  {data.total_rows:,} archived predictions ({len(data.malformed_ids)} malformed on purpose) "
                       f"in {time.monotonic() - started:.1f}s")
-    with _local_workers(settings, console, workers, flower_url, keep_flower):
-        run = commands.start_run(settings, "modmon", Selection(), chunk_rows, settings.max_rejects,
-                                 reenable_drift_tracking=True)
-        console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} rows in {run.chunk_count} chunks; "
-                      f"Flower: {mask(flower_url or settings.flower_url)}")
-        with commands.open_ledger(settings) as ledger:
-            report: dict[str, Any] = follow(console, ledger, run.run_id,
-                                            lambda rid: commands.finalize_here(settings, ledger, rid))
-        display.show_report(console, report)
-        console.print(f"\nnext: `shuttle report {run.run_id} --json`, `shuttle verify {run.run_id}`, "
-                      f"then `shuttle purge modmon --before 2026-06-04 --dry-run`")
-        return report["verdict"]
+    run_id, report = _run_and_report(settings, console, "modmon", "rows", workers, flower_url, keep_flower,
+                                     chunk_rows=chunk_rows, reenable_drift_tracking=True)
+    console.print(f"\nnext: `shuttle report {run_id} --json`, `shuttle verify {run_id}`, "
+                  f"then `shuttle purge modmon --before 2026-06-04 --dry-run`")
+    return report["verdict"]
 
 
 def _model_files_demo(settings: Settings, console: Console, *, workers: int, flower_url: str | None,
@@ -76,17 +69,27 @@ def _model_files_demo(settings: Settings, console: Console, *, workers: int, flo
         console.print(f"  {tree.files} joblib and pickle files, {len(tree.names)} model names")
     create_database(target_url)
     settings = settings.model_copy(update={"source_url": f"file://{models_dir}", "target_url": target_url})
+    _, report = _run_and_report(settings, console, "model-files", "files", workers, flower_url, keep_flower,
+                                chunk_rows=1000)
+    console.print(f"\nnext: `shuttle models list --target-url {mask(target_url)}`; run the demo again with "
+                  "--skip-data: nothing is stored twice")
+    return report["verdict"]
+
+
+def _run_and_report(settings: Settings, console: Console, migration: str, unit: str, workers: int,
+                    flower_url: str | None, keep_flower: bool, *, chunk_rows: int,
+                    **options: Any) -> tuple[str, dict[str, Any]]:
+    """Start `migration` on the settings' source and target with local workers, follow it to its end
+    and print its report; returns the run id and the report."""
     with _local_workers(settings, console, workers, flower_url, keep_flower):
-        run = commands.start_run(settings, "model-files", Selection(), 1000, settings.max_rejects)
-        console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} files in {run.chunk_count} chunks; "
+        run = commands.start_run(settings, migration, Selection(), chunk_rows, settings.max_rejects, **options)
+        console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} {unit} in {run.chunk_count} chunks; "
                       f"Flower: {mask(flower_url or settings.flower_url)}")
         with commands.open_ledger(settings) as ledger:
             report: dict[str, Any] = follow(console, ledger, run.run_id,
                                             lambda rid: commands.finalize_here(settings, ledger, rid))
         display.show_report(console, report)
-        console.print(f"\nnext: `shuttle models list --target-url {mask(target_url)}`; run the demo again with "
-                      "--skip-data: nothing is stored twice")
-        return report["verdict"]
+    return run.run_id, report
 
 
 @contextmanager
@@ -131,13 +134,7 @@ def run_userdata_demo(settings: Settings, console: Console, *, documents: int, u
                 database.drop_collection(collection)
         console.print(f"  {data.total:,} documents ({len(data.rejected)} bad on purpose) "
                       f"in {time.monotonic() - started:.1f}s")
-    with _local_workers(settings, console, workers, flower_url, keep_flower):
-        run = commands.start_run(settings, "userdata-split", Selection(), chunk_rows, settings.max_rejects)
-        console.print(f"run [bold]{run.run_id}[/]: {run.total_rows:,} documents in {run.chunk_count} chunks; "
-                      f"Flower: {mask(flower_url or settings.flower_url)}")
-        with commands.open_ledger(settings) as ledger:
-            report: dict[str, Any] = follow(console, ledger, run.run_id,
-                                            lambda rid: commands.finalize_here(settings, ledger, rid))
-        display.show_report(console, report)
-        console.print(f"\nnext: `shuttle rollback {run.run_id} --into user_data_restored --verify --wait`")
-        return report["verdict"]
+    run_id, report = _run_and_report(settings, console, "userdata-split", "documents", workers, flower_url,
+                                     keep_flower, chunk_rows=chunk_rows)
+    console.print(f"\nnext: `shuttle rollback {run_id} --into user_data_restored --verify --wait`")
+    return report["verdict"]
