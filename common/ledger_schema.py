@@ -32,6 +32,10 @@ runs = sa.Table(
     # The broker queue the run's chunks are sent to: a sweeper only re-sends chunks of its own queue.
     sa.Column("queue", sa.Text, nullable=False, server_default="shuttle"),
     sa.Column("finalize_enqueued_at", sa.DateTime(timezone=True)),
+    # Run controls (common.run_controls), held here so they survive a broker loss: the rows per second
+    # every worker of the run shares (NULL: unlimited), and since when the run is paused (NULL: it is not).
+    sa.Column("max_rows_per_second", sa.Float),
+    sa.Column("paused_at", sa.DateTime(timezone=True)),
 )
 
 chunks = sa.Table(
@@ -127,7 +131,8 @@ sweeps = sa.Table(
 
 # Columns added after the first release, as `ensure_schema` adds them to an older ledger.
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "runs": ("queue text NOT NULL DEFAULT 'shuttle'", "finalize_enqueued_at timestamptz"),
+    "runs": ("queue text NOT NULL DEFAULT 'shuttle'", "finalize_enqueued_at timestamptz",
+             "max_rows_per_second double precision", "paused_at timestamptz"),
     "chunks": ("attempt text", "heartbeat_at timestamptz", "queued_at timestamptz DEFAULT now()", "rows_done bigint"),
 }
 

@@ -25,6 +25,7 @@ from common.broker import Broker
 from common.errors import ConfigError, ShuttleError
 from common.migrations.base import Selection
 from common.report import in_reading_order
+from common.run_controls import parse_rate, read_controls
 from common.settings import Settings, load_settings
 from common.sweeper import Sweeper
 from common.urls import mask, normalize
@@ -194,9 +195,11 @@ def plan(settings: Settings, migration: str, selection: Selection, chunk_rows: i
 @click.option("--wait", is_flag=True, help="Show live progress, then the report; exit 0 only on a clean verdict.")
 @click.option("--json", "as_json", is_flag=True, help="With --wait, print the report as JSON.")
 @click.option("--dry-run", is_flag=True, help="Only show the plan (as `shuttle plan`); write nothing.")
+@click.option("--max-rows-per-second", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="Rows per second all workers of the run read together at most; `shuttle throttle` changes it.")
 @settings_options
 def run(settings: Settings, migration: str, selection: Selection, chunk_rows: int | None, max_rejects: int | None,
-        wait: bool, as_json: bool, dry_run: bool, **flags: Any) -> None:
+        wait: bool, as_json: bool, dry_run: bool, max_rows_per_second: float | None, **flags: Any) -> None:
     """Plan, record and enqueue a run; with --wait follow it to its report."""
     _defaults_from(settings, flags)
     if dry_run or settings.dry_run:
@@ -204,7 +207,8 @@ def run(settings: Settings, migration: str, selection: Selection, chunk_rows: in
                                                  **flags), 2, commands.measured_rate(settings, migration))
         return
     record = commands.start_run(settings, migration, selection, chunk_rows or settings.chunk_rows,
-                                max_rejects if max_rejects is not None else settings.max_rejects, **flags)
+                                max_rejects if max_rejects is not None else settings.max_rejects,
+                                max_rows_per_second=max_rows_per_second, **flags)
     err_console.print(f"run [bold]{record.run_id}[/]: {record.total_rows:,} rows in {record.chunk_count} chunks "
                       f"enqueued; watch in Flower at {mask(settings.flower_url)} or with `shuttle watch {record.run_id}`",
                       soft_wrap=True)
@@ -224,7 +228,8 @@ def status(settings: Settings, run_id: str | None) -> None:
             display.show_runs(console, recent, ledger.verdicts([r.run_id for r in recent]))
             return
         run = commands.require_run(ledger, run_id)
-        display.show_progress(console, run, ledger.progress(run_id), ledger.verdicts([run_id]).get(run_id))
+        display.show_progress(console, run, ledger.progress(run_id), ledger.verdicts([run_id]).get(run_id),
+                              read_controls(ledger, run_id))
         for chunk in ledger.failed_chunks(run_id)[:10]:
             console.print(f"  failed {chunk['chunk_id']}: {escape(chunk['error'] or '')}", soft_wrap=True)
 
@@ -286,6 +291,44 @@ def cancel(settings: Settings, run_id: str) -> None:
     skipped = commands.cancel(settings, run_id)
     console.print(f"run {run_id} cancelled: {skipped} queued chunks will be skipped; "
                   f"`shuttle resume {run_id}` continues it")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("rows_per_second", metavar="N|off")
+@settings_options
+def throttle(settings: Settings, run_id: str, rows_per_second: str) -> None:
+    """Change a run's shared row rate while it runs: N rows per second for all its workers, or `off`."""
+    controls = commands.throttle(settings, run_id, parse_rate(rows_per_second))
+    limit = controls.max_rows_per_second if controls else None
+    console.print(f"run {run_id}: " + (f"throttled to {limit:,.0f} rows/s across all its workers" if limit
+                                       else "no row limit") + "; running chunks follow within a second or two")
+
+
+@cli.command()
+@click.argument("run_id")
+@settings_options
+def pause(settings: Settings, run_id: str) -> None:
+    """Pause a run: no chunk is handed out until `shuttle continue`; running chunks finish."""
+    running = commands.pause(settings, run_id)
+    console.print(f"run {run_id} paused: no chunk is handed out; {running} running chunk"
+                  f"{'s' if running != 1 else ''} finish; `shuttle continue {run_id}` goes on")
+
+
+@cli.command(name="continue")
+@click.argument("run_id")
+@click.option("--wait", is_flag=True, help="Follow the run to its report.")
+@click.option("--json", "as_json", is_flag=True, help="With --wait, print the report as JSON.")
+@settings_options
+def continue_(settings: Settings, run_id: str, wait: bool, as_json: bool) -> None:
+    """Continue a paused run: its queued chunks are sent again and handed out."""
+    continued = commands.continue_run(settings, run_id)
+    state = "continued" if continued.was_paused else "was not paused"
+    sent = f"{continued.requeued} queued chunks sent again" if continued.broker_error is None else \
+        f"the broker is away ({continued.broker_error}); a sweeper sends the queued chunks once it is back"
+    err_console.print(f"run {run_id} {state}: {sent}", soft_wrap=True)
+    if wait:
+        _follow_and_exit(settings, run_id, as_json)
 
 
 @cli.command()

@@ -16,6 +16,7 @@ from rich.table import Table
 from common.ledger import Progress, RunRecord
 from common.migrations import all_migrations
 from common.migrations.base import Check
+from common.run_controls import RunControls
 from producer.planner import Plan
 
 VERDICT_STYLE = {"clean": "bold green", "failed": "bold red", "cancelled": "yellow", "running": "cyan"}
@@ -94,8 +95,10 @@ def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str])
     console.print(table)
 
 
-def show_progress(console: Console, run: RunRecord, progress: Progress, verdict: str | None = None) -> None:
-    """Where one run stands: rows (in flight included), chunk states, verdict, duration and target."""
+def show_progress(console: Console, run: RunRecord, progress: Progress, verdict: str | None = None,
+                  controls: RunControls | None = None) -> None:
+    """Where one run stands: rows (in flight included), chunk states, verdict, duration and target, and
+    whether it is paused or throttled."""
     rows = min(progress.total_rows, progress.rows_done + progress.rows_in_flight)
     pct = 100 * rows / progress.total_rows if progress.total_rows else 100.0
     states = ", ".join(f"{n} {s}" for s, n in sorted(progress.chunks.items()))
@@ -107,6 +110,9 @@ def show_progress(console: Console, run: RunRecord, progress: Progress, verdict:
     console.print(f"[bold]{run.run_id}[/] ({run.migration}) {shown}: {rows:,} of {progress.total_rows:,} rows "
                   f"({pct:.1f}%){took}; chunks: {states or 'none'}", soft_wrap=True)
     console.print(f"target {escape(run.target_url or '')}", soft_wrap=True)
+    if controls is not None and controls.describe() and run.finished_at is None:
+        hint = f" (`shuttle continue {run.run_id}` goes on)" if controls.paused else ""
+        console.print(f"[bold yellow]{controls.describe()}[/]{hint}", soft_wrap=True)
     for retrying in progress.retrying:
         console.print(f"  retrying {retrying.chunk_id} (attempt {retrying.attempt})"
                       + (f": {escape(retrying.error)}" if retrying.error else ""), soft_wrap=True)

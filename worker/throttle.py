@@ -1,0 +1,153 @@
+"""The row throttle of a run: one token bucket in Redis that every worker of the run draws from.
+
+A run's limit (`max_rows_per_second`, common.run_controls) lives in the ledger; the bucket only holds
+when the next rows may go, so Redis losing it costs nothing but a fresh start. The bucket is a
+virtual schedule (GCRA): each reservation of n rows is given the next free slot of n / rate seconds,
+atomically in a Lua script on Redis' own clock, so any number of worker processes on any number of
+hosts share one rate. A worker reserves as it streams a chunk (the migration's progress callback) and
+sleeps until its slot; the chunk's heartbeat thread keeps beating meanwhile, so a throttled chunk is
+never taken for stale.
+
+Waits are bounded: a reservation is at most about `STEP_SECONDS` worth of rows, and a wait is slept
+in slices of at most `SLICE_SECONDS`, re-reading the limit between slices, so `shuttle throttle RUN N`
+or `off` reaches a waiting worker within a second or two. When Redis cannot be reached, the worker
+paces itself alone at the full limit (logged): the limit then holds per worker process, not per run,
+until Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from common.ledger import Ledger
+from common.run_controls import read_controls
+from common.settings import Settings
+from common.urls import mask
+
+log = logging.getLogger("shuttle.worker")
+
+STEP_SECONDS = 0.25  # a reservation covers at most this much time at the limit
+SLICE_SECONDS = 1.0  # longest sleep between two looks at the limit
+CONTROLS_EVERY_SECONDS = 1.0  # how often a worker re-reads the run's limit from the ledger
+KEY_PREFIX = "shuttle:throttle:"
+
+# KEYS[1]: the run's bucket. ARGV[1]: rows, ARGV[2]: rows per second. Returns the seconds to wait.
+# `tat` is when the schedule is next free; on a new rate the backlog already reserved is re-timed at it.
+RESERVE_LUA = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local rows, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tat', 'rate')
+local tat, old = tonumber(state[1]) or now, tonumber(state[2]) or rate
+if tat > now and old ~= rate then tat = now + (tat - now) * old / rate end
+if tat < now then tat = now end
+local wait = tat - now
+tat = tat + rows / rate
+redis.call('HSET', KEYS[1], 'tat', tostring(tat), 'rate', tostring(rate))
+redis.call('EXPIRE', KEYS[1], math.ceil(tat - now) + 300)
+return tostring(wait)
+"""
+
+
+class Bucket(Protocol):
+    def reserve(self, run_id: str, rows: int, rate: float) -> float:
+        """Reserve `rows` at `rate` rows/s; the seconds to wait before they may go."""
+
+
+class RedisBucket:
+    """The shared bucket: one Redis hash per run, updated only by `RESERVE_LUA`."""
+
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.public_url = mask(url)
+        self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._reserve = self._client.register_script(RESERVE_LUA)
+
+    def reserve(self, run_id: str, rows: int, rate: float) -> float:
+        return max(0.0, float(self._reserve(keys=[KEY_PREFIX + run_id], args=[rows, repr(float(rate))])))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def bucket_url(settings: Settings) -> str | None:
+    """The Redis the buckets live in: the result backend's, else the broker's; None when neither is Redis."""
+    for url in (settings.effective_result_backend, settings.broker_url.split(";")[0]):
+        if url.startswith(("redis://", "rediss://")):
+            return url
+    return None
+
+
+class RunThrottle:
+    """Paces one chunk's rows to its run's shared limit; `advance(rows_so_far)` from the progress callback."""
+
+    def __init__(self, ledger: Ledger, bucket: Bucket | None, run_id: str,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.ledger = ledger
+        self.bucket = bucket
+        self.run_id = run_id
+        self.clock = clock
+        self.sleep = sleep
+        self.waited = 0.0  # seconds this chunk spent throttled
+        self._rows = 0
+        self._limit: float | None = None
+        self._limit_read_at: float | None = None
+        self._bucket_failed = False
+
+    def limit(self) -> float | None:
+        """The run's limit, re-read from the ledger at most once a `CONTROLS_EVERY_SECONDS`; the last known
+        one while the ledger cannot be reached (a throttle must never fail the chunk)."""
+        now = self.clock()
+        if self._limit_read_at is None or now - self._limit_read_at >= CONTROLS_EVERY_SECONDS:
+            self._limit_read_at = now
+            try:
+                controls = read_controls(self.ledger, self.run_id)
+                self._limit = controls.max_rows_per_second if controls else None
+            except Exception as exc:  # noqa: BLE001 - keep the last known limit; the ledger will be back
+                log.warning("run %s: throttle limit not read (%s); keeping %s", self.run_id, mask(str(exc)),
+                            self._limit)
+        return self._limit
+
+    def advance(self, rows_so_far: int) -> None:
+        """The chunk has read `rows_so_far` rows: take tokens for the new ones, waiting for them if needed."""
+        new, self._rows = rows_so_far - self._rows, max(self._rows, rows_so_far)
+        while new > 0:
+            limit = self.limit()
+            if limit is None:
+                return
+            step = min(new, max(1, math.ceil(limit * STEP_SECONDS)))
+            new -= step
+            self._wait(self._reserve(step, limit), limit)
+
+    def _reserve(self, rows: int, limit: float) -> float:
+        if self.bucket is not None:
+            try:
+                wait = self.bucket.reserve(self.run_id, rows, limit)
+                if self._bucket_failed:
+                    log.warning("run %s: throttle bucket reachable again; the limit is shared again", self.run_id)
+                self._bucket_failed = False
+                return wait
+            except Exception as exc:  # noqa: BLE001 - redis raises several kinds; pace alone meanwhile
+                if not self._bucket_failed:
+                    log.warning("run %s: throttle bucket unreachable (%s); this worker paces itself alone at "
+                                "%s rows/s until it is back", self.run_id, mask(str(exc)), limit)
+                self._bucket_failed = True
+        return rows / limit
+
+    def _wait(self, seconds: float, limit: float) -> None:
+        """Sleep `seconds` in slices; stop early once the limit changed (the bucket re-timed the backlog)."""
+        deadline = self.clock() + seconds
+        while True:
+            left = deadline - self.clock()
+            if left <= 0:
+                return
+            pause = min(left, SLICE_SECONDS)
+            self.sleep(pause)
+            self.waited += pause
+            if self.limit() != limit:
+                return
