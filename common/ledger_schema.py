@@ -129,6 +129,15 @@ sweeps = sa.Table(
     sa.Column("swept_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# The row throttle's schedule per run, when it cannot live in Redis (worker.throttle.LedgerBucket): when
+# the run's next rows may go (epoch seconds, the ledger's clock), and at which rate that was reckoned.
+throttle_buckets = sa.Table(
+    "throttle_buckets", metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey(runs.c.run_id, ondelete="CASCADE"), primary_key=True),
+    sa.Column("tat", sa.Float, nullable=False),
+    sa.Column("rate", sa.Float, nullable=False),
+)
+
 # Columns added after the first release, as `ensure_schema` adds them to an older ledger.
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
     "runs": ("queue text NOT NULL DEFAULT 'shuttle'", "finalize_enqueued_at timestamptz",

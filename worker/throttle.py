@@ -10,9 +10,12 @@ never taken for stale.
 
 Waits are bounded: a reservation is at most about `STEP_SECONDS` worth of rows, and a wait is slept
 in slices of at most `SLICE_SECONDS`, re-reading the limit between slices, so `shuttle throttle RUN N`
-or `off` reaches a waiting worker within a second or two. When Redis cannot be reached, the worker
-paces itself alone at the full limit (logged): the limit then holds per worker process, not per run,
-until Redis is back.
+or `off` reaches a waiting worker within a second or two.
+
+Where there is no Redis (neither result backend nor broker), or while it cannot be reached, the same
+schedule is kept in the ledger (`LedgerBucket`, one locked row per run), so the limit still holds for
+the run as a whole. Only if the ledger cannot be reached either does a worker pace itself alone at the
+full limit (logged) until one is back.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
 from common.ledger import Ledger
+from common.ledger_schema import throttle_buckets
 from common.run_controls import read_controls
 from common.settings import Settings
 from common.urls import mask
@@ -33,6 +40,7 @@ log = logging.getLogger("shuttle.worker")
 STEP_SECONDS = 0.25  # a reservation covers at most this much time at the limit
 SLICE_SECONDS = 1.0  # longest sleep between two looks at the limit
 CONTROLS_EVERY_SECONDS = 1.0  # how often a worker re-reads the run's limit from the ledger
+RETRY_BUCKET_SECONDS = 10.0  # a bucket that failed is tried again after this long
 KEY_PREFIX = "shuttle:throttle:"
 
 # KEYS[1]: the run's bucket. ARGV[1]: rows, ARGV[2]: rows per second. Returns the seconds to wait.
@@ -51,6 +59,17 @@ redis.call('HSET', KEYS[1], 'tat', tostring(tat), 'rate', tostring(rate))
 redis.call('EXPIRE', KEYS[1], math.ceil(tat - now) + 300)
 return tostring(wait)
 """
+
+
+def next_slot(now: float, tat: float | None, old_rate: float | None, rows: int, rate: float) -> tuple[float, float]:
+    """The schedule's rule (what `RESERVE_LUA` does in Redis): the seconds to wait for `rows` at `rate`, and
+    when the schedule is next free after them. `tat` is when it was free, reckoned at `old_rate`."""
+    if tat is None or old_rate is None:
+        tat, old_rate = now, rate
+    if tat > now and old_rate != rate:
+        tat = now + (tat - now) * old_rate / rate
+    tat = max(tat, now)
+    return tat - now, tat + rows / rate
 
 
 class Bucket(Protocol):
@@ -75,6 +94,25 @@ class RedisBucket:
         self._client.close()
 
 
+class LedgerBucket:
+    """The same schedule in the ledger: one row per run, locked for each reservation, on the ledger's clock."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def reserve(self, run_id: str, rows: int, rate: float) -> float:
+        with self.ledger.transaction() as conn:
+            now = float(conn.execute(sa.select(sa.extract("epoch", sa.func.clock_timestamp()))).scalar_one())
+            conn.execute(pg_insert(throttle_buckets).values(run_id=run_id, tat=now, rate=rate)
+                         .on_conflict_do_nothing(index_elements=[throttle_buckets.c.run_id]))
+            tat, old_rate = conn.execute(sa.select(throttle_buckets.c.tat, throttle_buckets.c.rate)
+                                         .where(throttle_buckets.c.run_id == run_id).with_for_update()).one()
+            wait, tat = next_slot(now, tat, old_rate, rows, rate)
+            conn.execute(throttle_buckets.update().where(throttle_buckets.c.run_id == run_id)
+                         .values(tat=tat, rate=rate))
+        return wait
+
+
 def bucket_url(settings: Settings) -> str | None:
     """The Redis the buckets live in: the result backend's, else the broker's; None when neither is Redis."""
     for url in (settings.effective_result_backend, settings.broker_url.split(";")[0]):
@@ -89,7 +127,8 @@ class RunThrottle:
     def __init__(self, ledger: Ledger, bucket: Bucket | None, run_id: str,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.ledger = ledger
-        self.bucket = bucket
+        # Redis first; the ledger's schedule while Redis is away (or when there is none).
+        self.buckets: list[Bucket] = [b for b in (bucket, LedgerBucket(ledger)) if b is not None]
         self.run_id = run_id
         self.clock = clock
         self.sleep = sleep
@@ -97,7 +136,7 @@ class RunThrottle:
         self._rows = 0
         self._limit: float | None = None
         self._limit_read_at: float | None = None
-        self._bucket_failed = False
+        self._failing: dict[int, float] = {}  # position of a bucket that failed -> when to try it again
 
     def limit(self) -> float | None:
         """The run's limit, re-read from the ledger at most once a `CONTROLS_EVERY_SECONDS`; the last known
@@ -125,18 +164,23 @@ class RunThrottle:
             self._wait(self._reserve(step, limit), limit)
 
     def _reserve(self, rows: int, limit: float) -> float:
-        if self.bucket is not None:
+        """From the first bucket that answers; alone at the full limit if none does."""
+        for index, bucket in enumerate(self.buckets):
+            if self._failing.get(index, 0.0) > self.clock():
+                continue  # failed a moment ago: do not wait for its timeout at every step
             try:
-                wait = self.bucket.reserve(self.run_id, rows, limit)
-                if self._bucket_failed:
-                    log.warning("run %s: throttle bucket reachable again; the limit is shared again", self.run_id)
-                self._bucket_failed = False
-                return wait
-            except Exception as exc:  # noqa: BLE001 - redis raises several kinds; pace alone meanwhile
-                if not self._bucket_failed:
-                    log.warning("run %s: throttle bucket unreachable (%s); this worker paces itself alone at "
-                                "%s rows/s until it is back", self.run_id, mask(str(exc)), limit)
-                self._bucket_failed = True
+                wait = bucket.reserve(self.run_id, rows, limit)
+            except Exception as exc:  # noqa: BLE001 - redis and the ledger raise several kinds; try the next
+                if index not in self._failing:
+                    log.warning("run %s: throttle bucket %s unreachable (%s); %s", self.run_id,
+                                type(bucket).__name__, mask(str(exc)),
+                                "using the next" if index + 1 < len(self.buckets) else
+                                f"this worker paces itself alone at {limit:,.0f} rows/s until one is back")
+                self._failing[index] = self.clock() + RETRY_BUCKET_SECONDS
+                continue
+            if self._failing.pop(index, None) is not None:
+                log.warning("run %s: throttle bucket %s reachable again", self.run_id, type(bucket).__name__)
+            return wait
         return rows / limit
 
     def _wait(self, seconds: float, limit: float) -> None:

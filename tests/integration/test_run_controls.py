@@ -17,7 +17,7 @@ from common.ledger import Claim, Ledger, Skipped
 from common.model import ChunkOutcome
 from tests.conftest import REDIS_BASE
 from tests.integration.test_sweeper import ScriptedBroker, age, make_run, sweeper_for
-from worker.throttle import KEY_PREFIX, RedisBucket, RunThrottle
+from worker.throttle import KEY_PREFIX, LedgerBucket, RedisBucket, RunThrottle
 
 REDIS_URL = f"{REDIS_BASE}/11"
 
@@ -67,13 +67,12 @@ def test_a_bucket_redis_lost_starts_afresh(bucket, run_id):
 
 # -- a worker's pacing ----------------------------------------------------------------------------
 
-def test_two_workers_share_one_rate(ledger, bucket, run_id):
-    make_run(ledger, 2, run_id)
-    run_controls.set_max_rows_per_second(ledger, run_id, 1000.0)
+def stream_in_two_workers(ledger: Ledger, bucket, run_id: str) -> float:
+    """Two workers each stream a chunk of 1,000 rows, reporting every 100; the seconds both took."""
     throttles = [RunThrottle(ledger, bucket, run_id) for _ in range(2)]
 
     def stream(throttle: RunThrottle) -> None:
-        for rows in range(100, 1001, 100):  # a chunk reporting progress every 100 rows
+        for rows in range(100, 1001, 100):
             throttle.advance(rows)
 
     started = time.monotonic()
@@ -82,9 +81,31 @@ def test_two_workers_share_one_rate(ledger, bucket, run_id):
         thread.start()
     for thread in threads:
         thread.join()
-    took = time.monotonic() - started
+    return time.monotonic() - started
+
+
+def test_two_workers_share_one_rate(ledger, bucket, run_id):
+    make_run(ledger, 2, run_id)
+    run_controls.set_max_rows_per_second(ledger, run_id, 1000.0)
+    took = stream_in_two_workers(ledger, bucket, run_id)
     # 2,000 rows at 1,000 rows/s: the first 100 go free, so about 1.9 s; alone each would take 0.9 s.
     assert 1.6 <= took <= 2.8, f"{took:.2f}s"
+
+
+@pytest.mark.parametrize("bucket", [None, RedisBucket("redis://127.0.0.1:1/0")], ids=["no Redis", "Redis away"])
+def test_without_redis_the_ledger_keeps_the_rate_shared(ledger, bucket, run_id):
+    make_run(ledger, 2, run_id)
+    run_controls.set_max_rows_per_second(ledger, run_id, 1000.0)
+    took = stream_in_two_workers(ledger, bucket, run_id)
+    assert 1.6 <= took <= 2.8, f"{took:.2f}s"
+
+
+def test_the_ledger_bucket_keeps_the_same_schedule(ledger, run_id):
+    make_run(ledger, 1, run_id)
+    bucket = LedgerBucket(ledger)
+    waits = [bucket.reserve(run_id, 100, 100.0) for _ in range(3)]
+    assert waits[0] == 0.0 and waits[1] == pytest.approx(1.0, abs=0.1) and waits[2] == pytest.approx(2.0, abs=0.1)
+    assert bucket.reserve(run_id, 100, 200.0) == pytest.approx(1.5, abs=0.1), "3 s at 100/s is 1.5 s at 200/s"
 
 
 def test_a_waiting_worker_follows_a_lifted_limit_within_seconds(ledger, bucket, run_id):
@@ -104,12 +125,18 @@ def test_without_a_limit_nothing_waits(ledger, run_id):
     assert slept == []
 
 
-def test_with_redis_away_a_worker_paces_itself_alone(ledger, run_id):
+class Unreachable:
+    def reserve(self, run_id: str, rows: int, rate: float) -> float:
+        raise ConnectionError("connection refused")
+
+
+def test_with_no_bucket_reachable_a_worker_paces_itself_alone(ledger, run_id):
     make_run(ledger, 1, run_id)
     run_controls.set_max_rows_per_second(ledger, run_id, 400.0)
     clock = [0.0]
-    throttle = RunThrottle(ledger, RedisBucket("redis://127.0.0.1:1/0"), run_id, clock=lambda: clock[0],
+    throttle = RunThrottle(ledger, Unreachable(), run_id, clock=lambda: clock[0],
                            sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    throttle.buckets = [Unreachable(), Unreachable()]  # Redis and the ledger's schedule both away
     throttle.advance(800)
     assert throttle.waited == pytest.approx(2.0, abs=0.01), "800 rows at 400 rows/s, alone"
 
