@@ -36,6 +36,8 @@ runs = sa.Table(
     # every worker of the run shares (NULL: unlimited), and since when the run is paused (NULL: it is not).
     sa.Column("max_rows_per_second", sa.Float),
     sa.Column("paused_at", sa.DateTime(timezone=True)),
+    # {"probe": SQL, "bound": N}: chunks wait while the probe on the source answers more (common.source_load).
+    sa.Column("max_source_load", JSONB),
 )
 
 chunks = sa.Table(
@@ -141,7 +143,7 @@ throttle_buckets = sa.Table(
 # Columns added after the first release, as `ensure_schema` adds them to an older ledger.
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
     "runs": ("queue text NOT NULL DEFAULT 'shuttle'", "finalize_enqueued_at timestamptz",
-             "max_rows_per_second double precision", "paused_at timestamptz"),
+             "max_rows_per_second double precision", "paused_at timestamptz", "max_source_load jsonb"),
     "chunks": ("attempt text", "heartbeat_at timestamptz", "queued_at timestamptz DEFAULT now()", "rows_done bigint"),
 }
 

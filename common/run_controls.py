@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from common.errors import ConfigError
 from common.ledger import Ledger
 from common.ledger_schema import chunks, runs
+from common.source_load import SourceLoad
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class RunControls:
 
     max_rows_per_second: float | None
     paused_at: datetime | None
+    source_load: SourceLoad | None = None
 
     @property
     def paused(self) -> bool:
@@ -41,6 +43,8 @@ class RunControls:
         parts = ["paused"] if self.paused else []
         if self.max_rows_per_second is not None:
             parts.append(f"throttled to {self.max_rows_per_second:,.0f} rows/s")
+        if self.source_load is not None:
+            parts.append(f"held while the source load is over {self.source_load.bound:g}")
         return " · ".join(parts)
 
 
@@ -60,15 +64,32 @@ def parse_rate(text: str) -> float | None:
 def read_controls(ledger: Ledger, run_id: str) -> RunControls | None:
     """The run's controls; None when the run is not in the ledger."""
     with ledger.reading() as conn:
-        row = conn.execute(sa.select(runs.c.max_rows_per_second, runs.c.paused_at)
+        row = conn.execute(sa.select(runs.c.max_rows_per_second, runs.c.paused_at, runs.c.max_source_load)
                            .where(runs.c.run_id == run_id)).first()
-    return RunControls(row.max_rows_per_second, row.paused_at) if row else None
+    return RunControls(row.max_rows_per_second, row.paused_at, SourceLoad.from_dict(row.max_source_load)) \
+        if row else None
+
+
+def controls_of(ledger: Ledger, run_ids: list[str]) -> dict[str, RunControls]:
+    """The controls of several runs at once (the `status` list)."""
+    with ledger.reading() as conn:
+        rows = conn.execute(sa.select(runs.c.run_id, runs.c.max_rows_per_second, runs.c.paused_at,
+                                      runs.c.max_source_load).where(runs.c.run_id.in_(run_ids))).all()
+    return {row.run_id: RunControls(row.max_rows_per_second, row.paused_at, SourceLoad.from_dict(row.max_source_load))
+            for row in rows}
 
 
 def set_max_rows_per_second(ledger: Ledger, run_id: str, limit: float | None) -> None:
     """Set (or with None lift) the run's shared row rate; running chunks follow within a second or two."""
     with ledger.transaction() as conn:
         conn.execute(runs.update().where(runs.c.run_id == run_id).values(max_rows_per_second=limit))
+
+
+def set_source_load(ledger: Ledger, run_id: str, load: SourceLoad | None) -> None:
+    """Hold the run's chunks while `load.probe` on the source answers more than `load.bound` (None: never)."""
+    with ledger.transaction() as conn:
+        conn.execute(runs.update().where(runs.c.run_id == run_id)
+                     .values(max_source_load=load.as_dict() if load else None))
 
 
 def pause(ledger: Ledger, run_id: str) -> int:

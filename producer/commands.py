@@ -23,6 +23,7 @@ from common.urls import with_password
 from common.broker import Broker
 from common import run_controls
 from common.run_controls import RunControls
+from common.source_load import SourceLoad, check_probe
 from producer.planner import Plan, make_plan, record_run
 
 
@@ -103,21 +104,29 @@ def measured_rate(settings: Settings, name: str) -> tuple[float, int] | None:
 
 
 def start_run(settings: Settings, name: str, selection: Selection, chunk_rows: int, max_rejects: int | None,
-              max_rows_per_second: float | None = None, **flags: Any) -> RunRecord:
+              max_rows_per_second: float | None = None, max_source_load: SourceLoad | None = None,
+              **flags: Any) -> RunRecord:
     """Plan, record the plan in the ledger, prepare the target, enqueue one task per chunk.
 
-    A row limit is stored before the first chunk is sent, so no chunk ever runs unthrottled."""
+    Run controls are stored before the first chunk is sent, so no chunk ever runs without them; a
+    source-load probe is tried once on the source first."""
     options = migration_class(name).plan_options(**flags)
     with open_ledger(settings) as ledger, \
             open_migration(settings, name, options, flags.get("source_url"), flags.get("target_url")) as migration:
         broker = Broker(settings)
         broker.check_reachable()
         check_services(migration)
+        if max_source_load is not None:
+            if migration.source_kind != "postgres":
+                raise ConfigError(f"--max-source-load needs a PostgreSQL source; {name} reads {migration.source_kind}")
+            check_probe(migration.source_url, max_source_load)
         the_plan = make_plan(migration, selection, chunk_rows)
         migration.prepare_target()
         run = record_run(ledger, the_plan, migration.source_url, migration.target_url, max_rejects, settings.queue)
         if max_rows_per_second is not None:
             run_controls.set_max_rows_per_second(ledger, run.run_id, max_rows_per_second)
+        if max_source_load is not None:
+            run_controls.set_source_load(ledger, run.run_id, max_source_load)
         queued = ledger.chunks_of(run.run_id)
         broker.enqueue_chunks(run.run_id, queued)
         if not queued:
@@ -185,11 +194,25 @@ def resume(settings: Settings, run_id: str) -> Resumed:
         return Resumed(requeued=len(queued), left_running=left_running)
 
 
-def throttle(settings: Settings, run_id: str, limit: float | None) -> RunControls:
-    """Set or lift (None) the run's shared row rate; live chunks follow within a second or two."""
+KEEP = object()  # `throttle`: leave this control as it is
+
+
+def throttle(settings: Settings, run_id: str, limit: float | None | object = KEEP,
+             source_load: SourceLoad | None | object = KEEP) -> RunControls:
+    """Set or lift (None) the run's shared row rate and its source-load bound; live chunks follow within
+    a second or two (a new bound's probe within a few more)."""
     with open_ledger(settings) as ledger:
-        require_run(ledger, run_id)
-        run_controls.set_max_rows_per_second(ledger, run_id, limit)
+        run = require_run(ledger, run_id)
+        if isinstance(source_load, SourceLoad):
+            with migration_of_run(settings, run) as migration:
+                if migration.source_kind != "postgres":
+                    raise ConfigError(f"--max-source-load needs a PostgreSQL source; {run.migration} reads "
+                                      f"{migration.source_kind}")
+                check_probe(migration.source_url, source_load)
+        if limit is not KEEP:
+            run_controls.set_max_rows_per_second(ledger, run_id, limit)
+        if source_load is not KEEP:
+            run_controls.set_source_load(ledger, run_id, source_load)
         return run_controls.read_controls(ledger, run_id)
 
 

@@ -69,7 +69,8 @@ def show_plan(console: Console, plan: Plan, workers: int, measured: tuple[float,
                   f"run(s) of {plan.migration}")
 
 
-def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str]) -> None:
+def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str],
+              controls: dict[str, RunControls] | None = None) -> None:
     """Recent runs; on a narrow console the creation time goes and the target folds, the run id stays whole."""
     table = Table(title="Recent runs")
     wide = console.width >= 140
@@ -86,6 +87,9 @@ def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str])
         shown = f"[{style}]{verdict}[/]" if verdict and style else r.status
         if wide and verdict:
             shown = f"{r.status} / {shown}"
+        live = (controls or {}).get(r.run_id)
+        if live is not None and live.describe() and r.finished_at is None:
+            shown += f" ({live.describe()})"
         took = _duration((r.finished_at - r.created_at).total_seconds()) if r.finished_at and r.created_at else ""
         target = r.target_url or ""
         cells = [r.run_id, shown, f"{r.total_rows:,}", took, escape(target if wide else _short_url(target))]

@@ -10,6 +10,7 @@ from common.ledger import Ledger, RunRecord
 from common.migrations import Migration, migration_class
 from common.settings import Settings
 from common.urls import with_password
+from common.source_load import measure
 from worker.throttle import Bucket, RedisBucket, RunThrottle, bucket_url
 
 KEEP_RUNS_OPEN = 4
@@ -37,13 +38,15 @@ class WorkerContext:
             self._migrations.clear()
         return self._ledger
 
-    def throttle_for(self, run_id: str) -> RunThrottle:
-        """A throttle for one chunk of the run, drawing from the run's bucket shared by every worker."""
+    def throttle_for(self, run: RunRecord) -> RunThrottle:
+        """A throttle for one chunk of the run, drawing from the run's bucket shared by every worker, and
+        probing the run's source for its load when the run sets a bound."""
         if self._bucket_pid != os.getpid():
             # Like the ledger: a forked child opens its own connection.
             url = bucket_url(self.settings)
             self._bucket, self._bucket_pid = (RedisBucket(url) if url else None), os.getpid()
-        return RunThrottle(self.ledger, self._bucket, run_id)
+        source = with_password(run.source_url or "", self.settings.known_urls())
+        return RunThrottle(self.ledger, self._bucket, run.run_id, probe=lambda load: measure(source, load))
 
     @property
     def name(self) -> str:

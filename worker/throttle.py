@@ -31,7 +31,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from common.ledger import Ledger
 from common.ledger_schema import throttle_buckets
-from common.run_controls import read_controls
+from common.run_controls import RunControls, read_controls
+from common.source_load import SourceLoad
 from common.settings import Settings
 from common.urls import mask
 
@@ -40,6 +41,7 @@ log = logging.getLogger("shuttle.worker")
 STEP_SECONDS = 0.25  # a reservation covers at most this much time at the limit
 SLICE_SECONDS = 1.0  # longest sleep between two looks at the limit
 CONTROLS_EVERY_SECONDS = 1.0  # how often a worker re-reads the run's limit from the ledger
+PROBE_EVERY_SECONDS = 5.0  # how often a worker asks the source for its load, when the run sets a bound
 RETRY_BUCKET_SECONDS = 10.0  # a bucket that failed is tried again after this long
 KEY_PREFIX = "shuttle:throttle:"
 
@@ -125,8 +127,10 @@ class RunThrottle:
     """Paces one chunk's rows to its run's shared limit; `advance(rows_so_far)` from the progress callback."""
 
     def __init__(self, ledger: Ledger, bucket: Bucket | None, run_id: str,
+                 probe: Callable[[SourceLoad], float] | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.ledger = ledger
+        self.probe = probe  # measures the source's load (common.source_load), for runs that set a bound
         # Redis first; the ledger's schedule while Redis is away (or when there is none).
         self.buckets: list[Bucket] = [b for b in (bucket, LedgerBucket(ledger)) if b is not None]
         self.run_id = run_id
@@ -134,27 +138,57 @@ class RunThrottle:
         self.sleep = sleep
         self.waited = 0.0  # seconds this chunk spent throttled
         self._rows = 0
-        self._limit: float | None = None
-        self._limit_read_at: float | None = None
+        self._controls = RunControls(None, None)
+        self._controls_read_at: float | None = None
+        self._probed_at: float | None = None
+        self._over = False
         self._failing: dict[int, float] = {}  # position of a bucket that failed -> when to try it again
 
-    def limit(self) -> float | None:
-        """The run's limit, re-read from the ledger at most once a `CONTROLS_EVERY_SECONDS`; the last known
-        one while the ledger cannot be reached (a throttle must never fail the chunk)."""
+    def controls(self) -> RunControls:
+        """The run's controls, re-read from the ledger at most once a `CONTROLS_EVERY_SECONDS`; the last known
+        ones while the ledger cannot be reached (a throttle must never fail the chunk)."""
         now = self.clock()
-        if self._limit_read_at is None or now - self._limit_read_at >= CONTROLS_EVERY_SECONDS:
-            self._limit_read_at = now
+        if self._controls_read_at is None or now - self._controls_read_at >= CONTROLS_EVERY_SECONDS:
+            self._controls_read_at = now
             try:
-                controls = read_controls(self.ledger, self.run_id)
-                self._limit = controls.max_rows_per_second if controls else None
-            except Exception as exc:  # noqa: BLE001 - keep the last known limit; the ledger will be back
-                log.warning("run %s: throttle limit not read (%s); keeping %s", self.run_id, mask(str(exc)),
-                            self._limit)
-        return self._limit
+                self._controls = read_controls(self.ledger, self.run_id) or RunControls(None, None)
+            except Exception as exc:  # noqa: BLE001 - keep the last known controls; the ledger will be back
+                log.warning("run %s: throttle controls not read (%s); keeping the last known", self.run_id,
+                            mask(str(exc)))
+        return self._controls
+
+    def limit(self) -> float | None:
+        return self.controls().max_rows_per_second
+
+    def hold(self) -> None:
+        """Wait, in slices, while the run's source-load probe answers over its bound."""
+        while self._over_bound():
+            self.sleep(SLICE_SECONDS)
+            self.waited += SLICE_SECONDS
+
+    def _over_bound(self) -> bool:
+        load = self.controls().source_load
+        if load is None or self.probe is None:
+            return False
+        now = self.clock()
+        if self._probed_at is None or now - self._probed_at >= PROBE_EVERY_SECONDS:
+            self._probed_at = now
+            try:
+                value = self.probe(load)
+            except Exception as exc:  # noqa: BLE001 - a broken probe must not stop the run for good
+                log.warning("run %s: source load probe failed (%s); going on", self.run_id, mask(str(exc)))
+                value = -math.inf
+            over = value > load.bound
+            if over != self._over:
+                log.warning("run %s: source load %s %s its bound %g; %s", self.run_id, f"{value:g}",
+                            "over" if over else "back under", load.bound, "holding" if over else "going on")
+            self._over = over
+        return self._over
 
     def advance(self, rows_so_far: int) -> None:
         """The chunk has read `rows_so_far` rows: take tokens for the new ones, waiting for them if needed."""
         new, self._rows = rows_so_far - self._rows, max(self._rows, rows_so_far)
+        self.hold()
         while new > 0:
             limit = self.limit()
             if limit is None:

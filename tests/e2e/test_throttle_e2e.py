@@ -12,6 +12,7 @@ import dataclasses
 import json
 import time
 
+import psycopg
 import pytest
 import redis
 
@@ -119,6 +120,8 @@ def test_pause_holds_through_a_broker_loss_and_continue_finishes_exact(env):
     assert len([w for w in online if w.startswith("thr")]) == 2, "the workers were up all along"
     status = env.shuttle("status", run_id)
     assert "paused" in status.stdout and f"shuttle continue {run_id}" in status.stdout
+    listed = [line for line in env.shuttle("status").stdout.splitlines() if run_id in line]
+    assert listed and "paused" in listed[0], "the list of runs says so too"
 
     assert env.shuttle("throttle", run_id, "off").returncode == 0
     at = time.monotonic()
@@ -129,3 +132,27 @@ def test_pause_holds_through_a_broker_loss_and_continue_finishes_exact(env):
     report = json.loads(result.stdout)
     assert report["verdict"] == "clean" and report["totals"]["rows_read"] == rows
     assert env.checksum("thr_pause") == env.checksum("thr_ref"), "the exact result of an uninterrupted run"
+
+
+def test_chunks_wait_while_the_source_is_over_its_load_bound(env):
+    dep, rows = deployment(env, 5)  # ~5,900 rows
+
+    def gauge(*statements: str) -> None:
+        with psycopg.connect(env.source_url, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)
+
+    gauge("DROP TABLE IF EXISTS thr_load", "CREATE TABLE thr_load AS SELECT 100 AS value")  # the test's own
+    try:
+        run_id = env.start("modmon", "--deployment-ids", dep, "--target-schema", "thr_load", "--chunk-rows", "2000",
+                           "--max-source-load", "SELECT value FROM thr_load:10")
+        wait_for(lambda: env.chunk_states(run_id).get("running", 0) == 2, timeout=30, interval=0.1)
+        time.sleep(3)  # over the bound: the claimed chunks hold, and no other starts
+        assert timeline(env, run_id)[0] == 0 and env.chunk_states(run_id).get("running") == 2
+        assert "held while the source load is over 10" in env.shuttle("status", run_id).stdout
+        gauge("UPDATE thr_load SET value = 0")
+        wait_for(lambda: finished(env, run_id), timeout=60, interval=0.2)
+        assert timeline(env, run_id)[0] == rows
+        assert events(env, run_id, "stale") == 0, "a held chunk keeps its heartbeat"
+    finally:
+        gauge("DROP TABLE IF EXISTS thr_load")

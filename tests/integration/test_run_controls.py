@@ -17,7 +17,8 @@ from common.ledger import Claim, Ledger, Skipped
 from common.model import ChunkOutcome
 from tests.conftest import REDIS_BASE
 from tests.integration.test_sweeper import ScriptedBroker, age, make_run, sweeper_for
-from worker.throttle import KEY_PREFIX, LedgerBucket, RedisBucket, RunThrottle
+from common.source_load import SourceLoad, check_probe, measure, parse_source_load
+from worker.throttle import KEY_PREFIX, PROBE_EVERY_SECONDS, LedgerBucket, RedisBucket, RunThrottle
 
 REDIS_URL = f"{REDIS_BASE}/11"
 
@@ -191,3 +192,36 @@ def test_rates_are_parsed_as_users_type_them(text, expected):
 def test_a_bad_rate_is_refused_with_the_fix(text):
     with pytest.raises(ConfigError, match="positive number or 'off'"):
         run_controls.parse_rate(text)
+
+
+# -- back-pressure from the source ------------------------------------------------------------------
+
+def test_a_chunk_waits_while_the_source_is_over_its_load_bound(ledger, run_id):
+    make_run(ledger, 1, run_id)
+    run_controls.set_source_load(ledger, run_id, SourceLoad("SELECT 1", 10.0))
+    clock, answers = [0.0], iter([50.0, 50.0, 3.0])
+    throttle = RunThrottle(ledger, None, run_id, probe=lambda load: next(answers), clock=lambda: clock[0],
+                           sleep=lambda s: clock.__setitem__(0, clock[0] + s))
+    throttle.hold()
+    assert throttle.waited == pytest.approx(2 * PROBE_EVERY_SECONDS), "two probes over the bound, then under"
+
+
+def test_a_broken_probe_does_not_stop_the_run(ledger, run_id):
+    make_run(ledger, 1, run_id)
+    run_controls.set_source_load(ledger, run_id, SourceLoad("SELECT 1", 10.0))
+
+    def broken(load):
+        raise RuntimeError("relation does not exist")
+
+    throttle = RunThrottle(ledger, None, run_id, probe=broken, sleep=lambda s: pytest.fail("must not wait"))
+    throttle.hold()
+
+
+def test_the_probe_runs_read_only_on_the_source(fresh_db):
+    assert measure(fresh_db, SourceLoad("SELECT count(*) FROM pg_stat_activity", 0)) >= 1
+    with pytest.raises(ConfigError, match="probe failed on the source: .*read-only"):
+        check_probe(fresh_db, SourceLoad("CREATE TABLE sneaky (x int)", 1))
+    with pytest.raises(ConfigError, match="SQL:BOUND"):
+        parse_source_load("SELECT 1")
+    assert parse_source_load("SELECT count(*) FROM pg_stat_activity WHERE state = 'active':20") == \
+        SourceLoad("SELECT count(*) FROM pg_stat_activity WHERE state = 'active'", 20.0)
