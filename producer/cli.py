@@ -374,6 +374,10 @@ def resume(settings: Settings, run_id: str, wait: bool, as_json: bool) -> None:
     left = f"; {resumed.left_running} still running (their workers are alive), left to finish" \
         if resumed.left_running else ""
     err_console.print(f"run {run_id}: {resumed.requeued} chunks enqueued again{left}")
+    controls = commands.controls(settings, run_id)
+    if controls is not None and controls.paused:
+        err_console.print(f"[yellow]run {run_id} is paused:[/] its chunks wait; `shuttle continue {run_id}` hands "
+                          "them out", soft_wrap=True)
     if wait:
         _follow_and_exit(settings, run_id, as_json)
 
