@@ -16,6 +16,9 @@ Where there is no Redis (neither result backend nor broker), or while it cannot 
 schedule is kept in the ledger (`LedgerBucket`, one locked row per run), so the limit still holds for
 the run as a whole. Only if the ledger cannot be reached either does a worker pace itself alone at the
 full limit (logged) until one is back.
+
+The same throttle holds a chunk, before it starts and as it streams, while the run's source-load probe
+(common.source_load) answers over its bound.
 """
 
 from __future__ import annotations
