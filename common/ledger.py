@@ -205,10 +205,11 @@ class Ledger:
         is not known to be gone: a duplicate delivery (two resumes, a message re-sent by the sweeper)
         then never runs a chunk twice at once, and the first attempt's counts are the ones recorded.
         `reclaim` is the token of this task's previous attempt (a retry continuing its own claim).
+        While the run is paused (common.run_controls) every delivery but such a retry is skipped.
         """
         with self.transaction() as conn:
             row = conn.execute(
-                sa.select(chunks, runs.c.status.label("run_status"),
+                sa.select(chunks, runs.c.status.label("run_status"), runs.c.paused_at.label("run_paused_at"),
                           sa.extract("epoch", sa.func.now() - chunks.c.heartbeat_at).label("silent_s"))
                 .join(runs).where(chunks.c.chunk_id == chunk_id).with_for_update(of=chunks)).mappings().first()
             if row is None:
@@ -220,6 +221,10 @@ class Ledger:
                     conn.execute(chunks.update().where(chunks.c.chunk_id == chunk_id).values(state="cancelled"))
                 return Skipped("run cancelled")
             held = row["state"] == "running" and row["attempt"] is not None and row["attempt"] != reclaim
+            if row["run_paused_at"] is not None and (row["attempt"] is None or row["attempt"] != reclaim):
+                # Paused (common.run_controls): the chunk stays as it is in the ledger; `continue` sends it
+                # again. Only a retry of the attempt that already holds it goes on (running chunks finish).
+                return Skipped("run paused")
             silent = row["silent_s"]
             if held and silent is not None and float(silent) < stale_after and not holder_gone(row["worker"] or ""):
                 return Skipped(f"held by {row['worker']} (heartbeat {max(0.0, float(silent)):.0f}s ago)")

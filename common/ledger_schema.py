@@ -32,6 +32,12 @@ runs = sa.Table(
     # The broker queue the run's chunks are sent to: a sweeper only re-sends chunks of its own queue.
     sa.Column("queue", sa.Text, nullable=False, server_default="shuttle"),
     sa.Column("finalize_enqueued_at", sa.DateTime(timezone=True)),
+    # Run controls (common.run_controls), held here so they survive a broker loss: the rows per second
+    # every worker of the run shares (NULL: unlimited), and since when the run is paused (NULL: it is not).
+    sa.Column("max_rows_per_second", sa.Float),
+    sa.Column("paused_at", sa.DateTime(timezone=True)),
+    # {"probe": SQL, "bound": N}: chunks wait while the probe on the source answers more (common.source_load).
+    sa.Column("max_source_load", JSONB),
 )
 
 chunks = sa.Table(
@@ -125,9 +131,19 @@ sweeps = sa.Table(
     sa.Column("swept_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# The row throttle's schedule per run, when it cannot live in Redis (worker.throttle.LedgerBucket): when
+# the run's next rows may go (epoch seconds, the ledger's clock), and at which rate that was reckoned.
+throttle_buckets = sa.Table(
+    "throttle_buckets", metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey(runs.c.run_id, ondelete="CASCADE"), primary_key=True),
+    sa.Column("tat", sa.Float, nullable=False),
+    sa.Column("rate", sa.Float, nullable=False),
+)
+
 # Columns added after the first release, as `ensure_schema` adds them to an older ledger.
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "runs": ("queue text NOT NULL DEFAULT 'shuttle'", "finalize_enqueued_at timestamptz"),
+    "runs": ("queue text NOT NULL DEFAULT 'shuttle'", "finalize_enqueued_at timestamptz",
+             "max_rows_per_second double precision", "paused_at timestamptz", "max_source_load jsonb"),
     "chunks": ("attempt text", "heartbeat_at timestamptz", "queued_at timestamptz DEFAULT now()", "rows_done bigint"),
 }
 

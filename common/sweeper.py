@@ -10,7 +10,8 @@ Three rules, each decided from the ledger (the source of truth) and acted on thr
   that is fewer than the ledger's queued chunks, the chunks beyond that many newest ones (queues
   deliver oldest first, so the newest are the ones still waiting), not held by a live worker and
   queued more than `lost_after` seconds ago, are sent again. A chunk re-sent needlessly costs one
-  skipped delivery: its second message finds it done or held.
+  skipped delivery: its second message finds it done or held. A paused run's queued chunks are left
+  alone: its workers drop their messages on purpose, and `shuttle continue` sends them again.
 - **finalize**: a run whose chunks have all ended but which no coordinator closed (its message was
   lost, or its worker died) gets its coordinator started again.
 
@@ -35,6 +36,8 @@ from common.settings import Settings
 
 log = logging.getLogger("shuttle.sweeper")
 OPEN_STATES = ("queued", "running")
+# A paused run's queued chunks are out of the broker on purpose (common.run_controls): never "lost".
+NOT_PAUSED = runs.c.paused_at.is_(None)
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ class Sweeper:
         # Queues deliver oldest first: the `depth` newest queued chunks are taken to be the ones waiting.
         overdue = chunks.c.queued_at < sa.func.now() - seconds(self.settings.lost_after)
         beyond = (sa.select(chunks.c.chunk_id).join(runs)
-                  .where(runs.c.status == "running", runs.c.queue == self.queue, chunks.c.state == "queued")
+                  .where(runs.c.status == "running", runs.c.queue == self.queue, chunks.c.state == "queued",
+                         NOT_PAUSED)
                   .order_by(chunks.c.queued_at.desc(), chunks.c.seq.desc()).offset(depth).subquery())
         with self.ledger.reading() as conn:
             candidates = conn.execute(sa.select(chunks.c.chunk_id).where(
@@ -171,7 +175,8 @@ class Sweeper:
         with self.ledger.reading() as conn:
             total, late = conn.execute(
                 sa.select(sa.func.count(), sa.func.count().filter(overdue)).select_from(chunks.join(runs))
-                .where(runs.c.status == "running", runs.c.queue == self.queue, chunks.c.state == "queued")).one()
+                .where(runs.c.status == "running", runs.c.queue == self.queue, chunks.c.state == "queued",
+                       NOT_PAUSED)).one()
         return int(total), int(late)
 
     @staticmethod

@@ -25,7 +25,9 @@ from common.broker import Broker
 from common.errors import ConfigError, ShuttleError
 from common.migrations.base import Selection
 from common.report import in_reading_order
+from common.run_controls import controls_of, parse_rate, read_controls
 from common.settings import Settings, load_settings
+from common.source_load import parse_source_load
 from common.sweeper import Sweeper
 from common.urls import mask, normalize
 from producer import commands, display
@@ -194,23 +196,40 @@ def plan(settings: Settings, migration: str, selection: Selection, chunk_rows: i
 @click.option("--wait", is_flag=True, help="Show live progress, then the report; exit 0 only on a clean verdict.")
 @click.option("--json", "as_json", is_flag=True, help="With --wait, print the report as JSON.")
 @click.option("--dry-run", is_flag=True, help="Only show the plan (as `shuttle plan`); write nothing.")
+@click.option("--max-rows-per-second", type=click.FloatRange(min=0, min_open=True), metavar="N",
+              help="Rows per second all workers of the run read together at most; `shuttle throttle` changes it.")
+@click.option("--max-source-load", metavar="SQL:BOUND",
+              help="Hold chunks while this read-only query on a PostgreSQL source answers more than BOUND.")
 @settings_options
 def run(settings: Settings, migration: str, selection: Selection, chunk_rows: int | None, max_rejects: int | None,
-        wait: bool, as_json: bool, dry_run: bool, **flags: Any) -> None:
+        wait: bool, as_json: bool, dry_run: bool, max_rows_per_second: float | None, max_source_load: str | None,
+        **flags: Any) -> None:
     """Plan, record and enqueue a run; with --wait follow it to its report."""
     _defaults_from(settings, flags)
     if dry_run or settings.dry_run:
         display.show_plan(console, commands.plan(settings, migration, selection, chunk_rows or settings.chunk_rows,
                                                  **flags), 2, commands.measured_rate(settings, migration))
         return
+    _warn_of_long_throttled_chunks(settings, chunk_rows or settings.chunk_rows, max_rows_per_second)
     record = commands.start_run(settings, migration, selection, chunk_rows or settings.chunk_rows,
-                                max_rejects if max_rejects is not None else settings.max_rejects, **flags)
+                                max_rejects if max_rejects is not None else settings.max_rejects,
+                                max_rows_per_second=max_rows_per_second,
+                                max_source_load=parse_source_load(max_source_load) if max_source_load else None,
+                                **flags)
     err_console.print(f"run [bold]{record.run_id}[/]: {record.total_rows:,} rows in {record.chunk_count} chunks "
                       f"enqueued; watch in Flower at {mask(settings.flower_url)} or with `shuttle watch {record.run_id}`",
                       soft_wrap=True)
     if wait:
         _follow_and_exit(settings, record.run_id, as_json)
     console.print(record.run_id)
+
+
+def _warn_of_long_throttled_chunks(settings: Settings, chunk_rows: int, limit: float | None) -> None:
+    """A chunk that takes longer than the visibility timeout would be handed to a second worker meanwhile."""
+    if limit is not None and chunk_rows / limit > settings.visibility_timeout / 2:
+        err_console.print(f"[yellow]warning:[/] at {limit:,.0f} rows/s a chunk of {chunk_rows:,} rows takes "
+                          f"{chunk_rows / limit / 60:,.0f} min, near the visibility timeout "
+                          f"({settings.visibility_timeout / 60:,.0f} min); pass a smaller --chunk-rows", soft_wrap=True)
 
 
 @cli.command()
@@ -221,10 +240,12 @@ def status(settings: Settings, run_id: str | None) -> None:
     with commands.open_ledger(settings) as ledger:
         if run_id is None:
             recent = ledger.latest_runs()
-            display.show_runs(console, recent, ledger.verdicts([r.run_id for r in recent]))
+            ids = [r.run_id for r in recent]
+            display.show_runs(console, recent, ledger.verdicts(ids), controls_of(ledger, ids))
             return
         run = commands.require_run(ledger, run_id)
-        display.show_progress(console, run, ledger.progress(run_id), ledger.verdicts([run_id]).get(run_id))
+        display.show_progress(console, run, ledger.progress(run_id), ledger.verdicts([run_id]).get(run_id),
+                              read_controls(ledger, run_id))
         for chunk in ledger.failed_chunks(run_id)[:10]:
             console.print(f"  failed {chunk['chunk_id']}: {escape(chunk['error'] or '')}", soft_wrap=True)
 
@@ -290,6 +311,57 @@ def cancel(settings: Settings, run_id: str) -> None:
 
 @cli.command()
 @click.argument("run_id")
+@click.argument("rows_per_second", metavar="[N|off]", required=False)
+@click.option("--max-source-load", metavar="SQL:BOUND|off", help="Set or lift the run's source-load bound.")
+@settings_options
+@database_options
+def throttle(settings: Settings, run_id: str, rows_per_second: str | None, max_source_load: str | None) -> None:
+    """Change a run's shared row rate while it runs: N rows per second for all its workers, or `off`."""
+    if rows_per_second is None and max_source_load is None:
+        raise click.UsageError("give a rate (N or off), --max-source-load SQL:BOUND|off, or both")
+    changes: dict[str, Any] = {}
+    if rows_per_second is not None:
+        changes["limit"] = parse_rate(rows_per_second)
+    if max_source_load is not None:
+        changes["source_load"] = None if max_source_load.strip().lower() == "off" else \
+            parse_source_load(max_source_load)
+    controls = commands.throttle(settings, run_id, **changes)
+    limit = controls.max_rows_per_second if controls else None
+    console.print(f"run {run_id}: " + (f"throttled to {limit:,.0f} rows/s across all its workers" if limit
+                                       else "no row limit") + "; running chunks follow within a second or two")
+    if controls is not None and controls.source_load is not None:
+        console.print(f"held while the source load is over {controls.source_load.bound:g}: "
+                      f"{escape(controls.source_load.probe)}", soft_wrap=True)
+
+
+@cli.command()
+@click.argument("run_id")
+@settings_options
+def pause(settings: Settings, run_id: str) -> None:
+    """Pause a run: no chunk is handed out until `shuttle continue`; running chunks finish."""
+    running = commands.pause(settings, run_id)
+    console.print(f"run {run_id} paused: no chunk is handed out; {running} running chunk"
+                  f"{'s' if running != 1 else ''} finish; `shuttle continue {run_id}` goes on")
+
+
+@cli.command(name="continue")
+@click.argument("run_id")
+@click.option("--wait", is_flag=True, help="Follow the run to its report.")
+@click.option("--json", "as_json", is_flag=True, help="With --wait, print the report as JSON.")
+@settings_options
+def continue_(settings: Settings, run_id: str, wait: bool, as_json: bool) -> None:
+    """Continue a paused run: its queued chunks are sent again and handed out."""
+    continued = commands.continue_run(settings, run_id)
+    state = "continued" if continued.was_paused else "was not paused"
+    sent = f"{continued.requeued} queued chunks sent again" if continued.broker_error is None else \
+        f"the broker is away ({continued.broker_error}); a sweeper sends the queued chunks once it is back"
+    err_console.print(f"run {run_id} {state}: {sent}", soft_wrap=True)
+    if wait:
+        _follow_and_exit(settings, run_id, as_json)
+
+
+@cli.command()
+@click.argument("run_id")
 @click.option("--wait", is_flag=True, help="Follow the resumed run to its report.")
 @click.option("--json", "as_json", is_flag=True, help="With --wait, print the report as JSON.")
 @settings_options
@@ -302,6 +374,10 @@ def resume(settings: Settings, run_id: str, wait: bool, as_json: bool) -> None:
     left = f"; {resumed.left_running} still running (their workers are alive), left to finish" \
         if resumed.left_running else ""
     err_console.print(f"run {run_id}: {resumed.requeued} chunks enqueued again{left}")
+    controls = commands.controls(settings, run_id)
+    if controls is not None and controls.paused:
+        err_console.print(f"[yellow]run {run_id} is paused:[/] its chunks wait; `shuttle continue {run_id}` hands "
+                          "them out", soft_wrap=True)
     if wait:
         _follow_and_exit(settings, run_id, as_json)
 

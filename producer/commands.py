@@ -21,6 +21,9 @@ from common.service_errors import reword_database_failure
 from common.settings import Settings
 from common.urls import with_password
 from common.broker import Broker
+from common import run_controls
+from common.run_controls import RunControls
+from common.source_load import SourceLoad, check_probe
 from producer.planner import Plan, make_plan, record_run
 
 
@@ -101,17 +104,29 @@ def measured_rate(settings: Settings, name: str) -> tuple[float, int] | None:
 
 
 def start_run(settings: Settings, name: str, selection: Selection, chunk_rows: int, max_rejects: int | None,
+              max_rows_per_second: float | None = None, max_source_load: SourceLoad | None = None,
               **flags: Any) -> RunRecord:
-    """Plan, record the plan in the ledger, prepare the target, enqueue one task per chunk."""
+    """Plan, record the plan in the ledger, prepare the target, enqueue one task per chunk.
+
+    Run controls are stored before the first chunk is sent, so no chunk ever runs without them; a
+    source-load probe is tried once on the source first."""
     options = migration_class(name).plan_options(**flags)
     with open_ledger(settings) as ledger, \
             open_migration(settings, name, options, flags.get("source_url"), flags.get("target_url")) as migration:
         broker = Broker(settings)
         broker.check_reachable()
         check_services(migration)
+        if max_source_load is not None:
+            if migration.source_kind != "postgres":
+                raise ConfigError(f"--max-source-load needs a PostgreSQL source; {name} reads {migration.source_kind}")
+            check_probe(migration.source_url, max_source_load)
         the_plan = make_plan(migration, selection, chunk_rows)
         migration.prepare_target()
         run = record_run(ledger, the_plan, migration.source_url, migration.target_url, max_rejects, settings.queue)
+        if max_rows_per_second is not None:
+            run_controls.set_max_rows_per_second(ledger, run.run_id, max_rows_per_second)
+        if max_source_load is not None:
+            run_controls.set_source_load(ledger, run.run_id, max_source_load)
         queued = ledger.chunks_of(run.run_id)
         broker.enqueue_chunks(run.run_id, queued)
         if not queued:
@@ -177,6 +192,70 @@ def resume(settings: Settings, run_id: str) -> Resumed:
         if not queued and ledger.claim_finalize(run_id):
             finalize_here(settings, ledger, run_id)
         return Resumed(requeued=len(queued), left_running=left_running)
+
+
+KEEP = object()  # `throttle`: leave this control as it is
+
+
+def throttle(settings: Settings, run_id: str, limit: float | None | object = KEEP,
+             source_load: SourceLoad | None | object = KEEP) -> RunControls:
+    """Set or lift (None) the run's shared row rate and its source-load bound; live chunks follow within
+    a second or two (a new bound's probe within a few more)."""
+    with open_ledger(settings) as ledger:
+        run = require_run(ledger, run_id)
+        if isinstance(source_load, SourceLoad):
+            with migration_of_run(settings, run) as migration:
+                if migration.source_kind != "postgres":
+                    raise ConfigError(f"--max-source-load needs a PostgreSQL source; {run.migration} reads "
+                                      f"{migration.source_kind}")
+                check_probe(migration.source_url, source_load)
+        if limit is not KEEP:
+            run_controls.set_max_rows_per_second(ledger, run_id, limit)
+        if source_load is not KEEP:
+            run_controls.set_source_load(ledger, run_id, source_load)
+        return run_controls.read_controls(ledger, run_id)
+
+
+def pause(settings: Settings, run_id: str) -> int:
+    """Stop handing out the run's chunks (held by the ledger); returns the chunks still running, which finish."""
+    with open_ledger(settings) as ledger:
+        run = require_run(ledger, run_id)
+        if run.finished_at is not None or run.status != "running":
+            raise ConfigError(f"run {run_id} is {run.status}, not running; only a running run can be paused")
+        return run_controls.pause(ledger, run_id)
+
+
+@dataclass(frozen=True)
+class Continued:
+    was_paused: bool
+    requeued: int  # queued chunks sent again (their messages were dropped while the run was paused)
+    broker_error: str | None = None  # the broker was away: the sweeper sends them once it is back
+
+
+def continue_run(settings: Settings, run_id: str) -> Continued:
+    """Hand a paused run's chunks out again: clear the pause in the ledger, then send every queued chunk.
+
+    A chunk whose message is still in the broker is then delivered twice; the second delivery finds it
+    held or done and is skipped. If the broker is away, the chunks stay queued in the ledger and the
+    sweeper sends them once it is back (the run is no longer paused, so they count as lost)."""
+    with open_ledger(settings) as ledger:
+        run = require_run(ledger, run_id)
+        was_paused = run_controls.unpause(ledger, run_id)
+        if run.status != "running":
+            return Continued(was_paused, 0)
+        queued = ledger.chunks_of(run_id, states=["queued"])
+        broker = Broker(settings.model_copy(update={"queue": run.queue}))
+        try:
+            return Continued(was_paused, broker.enqueue_chunks(run_id, queued))
+        except ServiceUnavailable as exc:
+            return Continued(was_paused, 0, str(exc))
+        finally:
+            broker.close()
+
+
+def controls(settings: Settings, run_id: str) -> RunControls | None:
+    with open_ledger(settings) as ledger:
+        return run_controls.read_controls(ledger, run_id)
 
 
 def verify(settings: Settings, run_id: str) -> list[Check]:

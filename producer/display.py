@@ -16,6 +16,7 @@ from rich.table import Table
 from common.ledger import Progress, RunRecord
 from common.migrations import all_migrations
 from common.migrations.base import Check
+from common.run_controls import RunControls
 from producer.planner import Plan
 
 VERDICT_STYLE = {"clean": "bold green", "failed": "bold red", "cancelled": "yellow", "running": "cyan"}
@@ -68,7 +69,8 @@ def show_plan(console: Console, plan: Plan, workers: int, measured: tuple[float,
                   f"run(s) of {plan.migration}")
 
 
-def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str]) -> None:
+def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str],
+              controls: dict[str, RunControls] | None = None) -> None:
     """Recent runs; on a narrow console the creation time goes and the target folds, the run id stays whole."""
     table = Table(title="Recent runs")
     wide = console.width >= 140
@@ -85,6 +87,9 @@ def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str])
         shown = f"[{style}]{verdict}[/]" if verdict and style else r.status
         if wide and verdict:
             shown = f"{r.status} / {shown}"
+        live = (controls or {}).get(r.run_id)
+        if live is not None and live.describe() and r.finished_at is None:
+            shown += f" ({live.describe()})"
         took = _elapsed(r)
         target = r.target_url or ""
         cells = [r.run_id, shown, f"{r.total_rows:,}", took, escape(target if wide else _short_url(target))]
@@ -94,8 +99,10 @@ def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str])
     console.print(table)
 
 
-def show_progress(console: Console, run: RunRecord, progress: Progress, verdict: str | None = None) -> None:
-    """Where one run stands: rows (in flight included), chunk states, verdict, duration and target."""
+def show_progress(console: Console, run: RunRecord, progress: Progress, verdict: str | None = None,
+                  controls: RunControls | None = None) -> None:
+    """Where one run stands: rows (in flight included), chunk states, verdict, duration and target, and
+    whether it is paused or throttled."""
     rows = min(progress.total_rows, progress.rows_done + progress.rows_in_flight)
     pct = 100 * rows / progress.total_rows if progress.total_rows else 100.0
     states = ", ".join(f"{n} {s}" for s, n in sorted(progress.chunks.items()))
@@ -107,6 +114,9 @@ def show_progress(console: Console, run: RunRecord, progress: Progress, verdict:
     console.print(f"[bold]{run.run_id}[/] ({run.migration}) {shown}: {rows:,} of {progress.total_rows:,} rows "
                   f"({pct:.1f}%){took}; chunks: {states or 'none'}", soft_wrap=True)
     console.print(f"target {escape(run.target_url or '')}", soft_wrap=True)
+    if controls is not None and controls.describe() and run.finished_at is None:
+        hint = f" (`shuttle continue {run.run_id}` goes on)" if controls.paused else ""
+        console.print(f"[bold yellow]{controls.describe()}[/]{hint}", soft_wrap=True)
     for retrying in progress.retrying:
         console.print(f"  retrying {retrying.chunk_id} (attempt {retrying.attempt})"
                       + (f": {escape(retrying.error)}" if retrying.error else ""), soft_wrap=True)

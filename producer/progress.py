@@ -27,6 +27,7 @@ from rich.text import Text
 from common.errors import TransientError
 from common.ledger import Ledger, Progress
 from common.report import RUNNING
+from common.run_controls import RunControls, read_controls
 from common.sweeper import Sweeper
 from producer.worker_watch import WorkerWatch, start_worker_hint
 
@@ -78,8 +79,9 @@ def _eta(remaining: int, rate: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def summary_line(progress: Progress, workers: list[str] | None) -> str:
-    """Chunk states and live workers: `chunks 3/40 done · 2 running · 35 queued · 0 failed · 2 workers`."""
+def summary_line(progress: Progress, workers: list[str] | None, controls: RunControls | None = None) -> str:
+    """Chunk states and live workers: `chunks 3/40 done · 2 running · 35 queued · 0 failed · 2 workers`,
+    then `· paused` and `· throttled to N rows/s` when the run is."""
     c = progress.chunks
     text = (f"chunks {c.get('done', 0)}/{progress.chunk_count} done · {c.get('running', 0)} running · "
             f"{c.get('queued', 0)} queued · {c.get('failed', 0)} failed")
@@ -89,6 +91,8 @@ def summary_line(progress: Progress, workers: list[str] | None) -> str:
         text += f" · {len(progress.retrying)} retrying"
     if workers is not None:
         text += f" · {len(workers)} worker{'s' if len(workers) != 1 else ''}"
+    if controls is not None and controls.describe():
+        text += f" · {controls.describe()}"
     return text
 
 
@@ -105,14 +109,15 @@ def _rows_text(rows: int, total: int, rate: float) -> str:
     return f"{pct:3.0f}% {rows:,}/{total:,} rows {rate:,.0f}/s ETA {_eta(total - rows, rate)}"
 
 
-def _view(width: int, progress: Progress, rows: int, rate: float, workers: list[str] | None) -> Group:
+def _view(width: int, progress: Progress, rows: int, rate: float, workers: list[str] | None,
+          controls: RunControls | None = None) -> Group:
     text = " " + _rows_text(rows, progress.total_rows, rate)
     bar = Table.grid()
     bar.add_column(no_wrap=True)
     bar.add_column(no_wrap=True)
     bar.add_row(ProgressBar(total=max(progress.total_rows, 1), completed=rows, width=max(10, width - len(text) - 1)),
                 Text(text))
-    lines = [bar, Text(summary_line(progress, workers), overflow="fold")]
+    lines = [bar, Text(summary_line(progress, workers, controls), overflow="fold")]
     lines += [Text(line, style="yellow", overflow="fold") for line in retry_lines(progress)]
     return Group(*lines)
 
@@ -132,7 +137,8 @@ def follow(console: Console, ledger: Ledger, run_id: str, finalize_here: Callabl
             return stored  # an ended run: its report, not a bar at 0 rows/s
     events = HealingLog(console, ledger, run_id)
     queue = sweeper.queue if sweeper is not None else (workers.broker.settings.queue if workers else "shuttle")
-    state = {"warned": False, "next_sweep": time.monotonic(), "next_plain": time.monotonic(), "unreachable": False}
+    state = {"warned": False, "next_sweep": time.monotonic(), "next_plain": time.monotonic(), "unreachable": False,
+             "controls": None}
     rate = _Rate()
 
     def poll() -> tuple[Progress, int, float] | None:
@@ -141,6 +147,7 @@ def follow(console: Console, ledger: Ledger, run_id: str, finalize_here: Callabl
                 sweeper.sweep()
                 state["next_sweep"] = time.monotonic() + sweeper.settings.sweep_interval
             progress = ledger.progress(run_id)
+            state["controls"] = read_controls(ledger, run_id)
             events.show_new()
         except TransientError as exc:
             if not state["unreachable"]:
@@ -159,7 +166,8 @@ def follow(console: Console, ledger: Ledger, run_id: str, finalize_here: Callabl
                 polled = poll()
                 if polled is not None:
                     progress, rows, speed = polled
-                    live.update(_view(console.width, progress, rows, speed, workers.workers if workers else None))
+                    live.update(_view(console.width, progress, rows, speed, workers.workers if workers else None,
+                                      state["controls"]))
                     if progress.finished:
                         break
                 time.sleep(POLL_SECONDS)
@@ -171,7 +179,7 @@ def follow(console: Console, ledger: Ledger, run_id: str, finalize_here: Callabl
                 if progress.finished or time.monotonic() >= state["next_plain"]:
                     state["next_plain"] = time.monotonic() + PLAIN_EVERY_SECONDS
                     console.print(f"{run_id}: {_rows_text(rows, progress.total_rows, speed)}; "
-                                  f"{summary_line(progress, workers.workers if workers else None)}",
+                                  f"{summary_line(progress, workers.workers if workers else None, state['controls'])}",
                                   soft_wrap=True, markup=False)
                     for line in retry_lines(progress):
                         console.print(line, soft_wrap=True, markup=False)

@@ -10,6 +10,8 @@ from common.ledger import Ledger, RunRecord
 from common.migrations import Migration, migration_class
 from common.settings import Settings
 from common.urls import with_password
+from common.source_load import measure
+from worker.throttle import Bucket, RedisBucket, RunThrottle, bucket_url
 
 KEEP_RUNS_OPEN = 4
 
@@ -22,6 +24,8 @@ class WorkerContext:
         self._ledger: Ledger | None = None
         self._pid: int | None = None
         self._migrations: OrderedDict[str, Migration] = OrderedDict()
+        self._bucket: Bucket | None = None
+        self._bucket_pid: int | None = None
         # The Celery node name (`name@host`), set when the worker starts: the ledger names a chunk's
         # worker as Flower and the logs do.
         self.node: str | None = None
@@ -33,6 +37,16 @@ class WorkerContext:
             self._ledger, self._pid = Ledger(self.settings.ledger_url), os.getpid()
             self._migrations.clear()
         return self._ledger
+
+    def throttle_for(self, run: RunRecord) -> RunThrottle:
+        """A throttle for one chunk of the run, drawing from the run's bucket shared by every worker, and
+        probing the run's source for its load when the run sets a bound."""
+        if self._bucket_pid != os.getpid():
+            # Like the ledger: a forked child opens its own connection.
+            url = bucket_url(self.settings)
+            self._bucket, self._bucket_pid = (RedisBucket(url) if url else None), os.getpid()
+        source = with_password(run.source_url or "", self.settings.known_urls())
+        return RunThrottle(self.ledger, self._bucket, run.run_id, probe=lambda load: measure(source, load))
 
     @property
     def name(self) -> str:
@@ -65,3 +79,5 @@ class WorkerContext:
         self._migrations.clear()
         if self._ledger is not None:
             self._ledger.dispose()
+        if isinstance(self._bucket, RedisBucket):
+            self._bucket.close()

@@ -61,11 +61,14 @@ def run_chunk(context: WorkerContext, chunk_id: str, progress: Callable[[int, in
     report = best_effort(progress, chunk_id)
     try:
         migration = context.migration_for(claim.run)
+        throttle = context.throttle_for(claim.run)
         with Heartbeat(ledger, chunk_id, claim.token, settings.heartbeat_interval) as heartbeat:
             def on_rows(rows: int) -> None:
                 heartbeat.rows = rows
                 report(rows, claim.chunk.spec.est_rows)
+                throttle.advance(rows)  # the run's shared row rate (worker.throttle); the heartbeat beats on
 
+            throttle.hold()  # while the source is over its load bound, if the run set one
             outcome = migration.run_chunk(claim.chunk.spec, on_rows)
     except TransientError as exc:
         raise RetryChunk(claim.token, exc, claim.run.migration) from None
