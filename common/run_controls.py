@@ -47,6 +47,15 @@ class RunControls:
             parts.append(f"held while the source load is over {self.source_load.bound:g}")
         return " · ".join(parts)
 
+    def brief(self) -> str:
+        """`paused, ≤500/s`: the same in a few characters, for a table cell on an 80-column terminal."""
+        parts = ["paused"] if self.paused else []
+        if self.max_rows_per_second is not None:
+            parts.append(f"≤{self.max_rows_per_second:,.0f}/s")
+        if self.source_load is not None:
+            parts.append("load-held")
+        return ", ".join(parts)
+
 
 def parse_rate(text: str) -> float | None:
     """`off` (or `none`, `0`) lifts the limit; otherwise a positive number of rows per second."""

@@ -75,10 +75,11 @@ def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str],
     table = Table(title="Recent runs")
     wide = console.width >= 140
     table.add_column("run", no_wrap=True, min_width=max((len(r.run_id) for r in runs), default=3))
-    table.add_column("verdict" if not wide else "status / verdict", no_wrap=True)
+    # The verdict wraps at its commas (`running, paused, ≤500/s`) before the target gets too narrow to read.
+    table.add_column("verdict" if not wide else "status / verdict", min_width=8)
     table.add_column("rows", justify="right", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
-    table.add_column("target", overflow="fold", ratio=1)
+    table.add_column("target", overflow="fold", ratio=1, min_width=14)
     if wide:
         table.add_column("created", no_wrap=True)
     for r in runs:
@@ -88,8 +89,8 @@ def show_runs(console: Console, runs: list[RunRecord], verdicts: dict[str, str],
         if wide and verdict:
             shown = f"{r.status} / {shown}"
         live = (controls or {}).get(r.run_id)
-        if live is not None and live.describe() and r.finished_at is None:
-            shown += f" ({live.describe()})"
+        if live is not None and live.brief() and r.finished_at is None:
+            shown += f", {live.brief()}"
         took = _elapsed(r)
         target = r.target_url or ""
         cells = [r.run_id, shown, f"{r.total_rows:,}", took, escape(target if wide else _short_url(target))]
@@ -237,13 +238,13 @@ def _short_url(url: str) -> str:
 
 
 def _elapsed(run: RunRecord) -> str:
-    """How long a finished run took, or how long a running one has run so far (marked "so far")."""
+    """How long a finished run took, or how long a running one has run so far."""
     if not run.created_at:
         return ""
     if run.finished_at:
         return _duration((run.finished_at - run.created_at).total_seconds())
-    if run.status == "running":
-        return f"{_duration((datetime.now(timezone.utc) - run.created_at).total_seconds())} so far"
+    if run.status == "running":  # so far
+        return _duration((datetime.now(timezone.utc) - run.created_at).total_seconds())
     return ""
 
 

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 from rich.console import Console
 
 from common.ledger import Progress, Retrying, RunRecord
+from common.run_controls import RunControls
 from producer.display import show_check_summary, show_runs
 from producer.progress import _view, retry_lines, summary_line
 
@@ -52,12 +53,17 @@ def test_the_run_list_shows_how_long_a_finished_run_took_and_a_running_one_has_r
 
     def run(run_id: str, status: str, started_ago: float, took: float | None) -> RunRecord:
         created = now - timedelta(seconds=started_ago)
-        return RunRecord(run_id, "modmon", status, {}, {}, "postgresql://db/src", "postgresql://db/dst", 10, 1, None,
+        return RunRecord(run_id, "modmon", status, {}, {}, "postgresql://db/src", "postgresql://db/dst", 60_007, 1, None,
                          created_at=created, finished_at=created + timedelta(seconds=took) if took else None)
 
     console = Console(width=80, record=True, force_terminal=True, color_system=None)
-    show_runs(console, [run("modmon-live", "running", 125, None), run("modmon-done", "completed", 900, 61)],
-              {"modmon-done": "clean"})
-    rows = {line.split()[1]: line for line in console.export_text().splitlines() if "modmon-" in line}
-    assert "2m0" in rows["modmon-live"] and "so far" in rows["modmon-live"]
-    assert "1m01s" in rows["modmon-done"] and "so far" not in rows["modmon-done"]
+    live = run("modmon-20261202T132309-7260", "running", 125, None)
+    show_runs(console, [live, run("modmon-done", "completed", 900, 61)], {"modmon-done": "clean"},
+              {live.run_id: RunControls(max_rows_per_second=2000, paused_at=now)})
+    lines = console.export_text().splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    rows = {line.split()[1]: line for line in lines if "modmon-" in line}
+    rows["modmon-live"] = rows.pop(live.run_id)
+    assert "running, paused, ≤2,000/s" in rows["modmon-live"] and "60,007" in rows["modmon-live"]
+    assert "2m0" in rows["modmon-live"], "a running run shows its time so far"
+    assert "1m01s" in rows["modmon-done"]
