@@ -1,0 +1,132 @@
+"""Workers on three hosts: network namespaces with their own links, reaching PostgreSQL, Redis and the MongoDB
+stand-in only through a forwarded service address (ops/netns_hosts.py), never loopback.
+
+A `modmon` run and an `mlflow-to-mongo` run split across the three hosts end with exactly the target of a
+one-host run (workers on this machine's loopback, a queue of their own); the ledger names the host of every
+chunk, and every host did some. Then one host's link is pulled while it holds a chunk: the other hosts'
+sweepers find its heartbeat silent and send the chunk again, and the run ends clean by itself with the same
+exact target. Skipped, with the reason, where namespaces cannot be made (not root, no `ip`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+
+from common.migrations.modmon_fixtures import build_source
+from ops.netns_hosts import NetnsHosts, Unavailable, check_available
+from tests.conftest import REDIS_BASE, create_db, drop_db
+from tests.e2e.conftest import E2E_REDIS_DB
+from tests.faults.cases import Case, ModmonCase, MongoCase
+from tests.faults.checks import assert_exact, healed
+from tests.faults.conftest import HEALING
+from tests.harness import Env, wait_for
+from tests.mongo_server import REAL_MONGO_URI, NxServer
+
+pytestmark = pytest.mark.e2e
+PID = os.getpid()
+HOSTS = 3
+
+
+def host_of(worker: str) -> str:
+    """The host part of a ledger worker name, `name@host:pid`."""
+    return worker.rpartition(":")[0].rpartition("@")[2]
+
+
+@pytest.fixture(scope="module")
+def hosts(mlflow_source, tmp_path_factory) -> Iterator[dict]:
+    """Three hosts with one worker each on the hosts' queue, and the loopback env of the one-host runs."""
+    try:
+        check_available()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    if REAL_MONGO_URI:
+        pytest.skip("the hosts reach services of this machine only; SHUTTLE_TEST_MONGO_URI is another server")
+    source_db, ledger_db = f"shuttle_hosts_{PID}", f"shuttle_hosts_ledger_{PID}"
+    source_url, ledger_url = create_db(source_db), create_db(ledger_db)
+    data = build_source(source_url, rows=24_000, deployments=6)
+    broker_url = f"{REDIS_BASE}/{E2E_REDIS_DB}"
+    log_dir = tmp_path_factory.mktemp("hosts_workers")
+    one_host = Env(source_url, ledger_url, broker_url, data, log_dir, f"shuttle-hosts-{PID}-one")
+    server = NxServer().start()
+    try:
+        with NetnsHosts(HOSTS) as net:
+            # What the hosts (and the producer, which records these URLs in the ledger) use: the service address.
+            many = Env(net.url(source_url), net.url(ledger_url), net.url(broker_url), data, log_dir,
+                       f"shuttle-hosts-{PID}")
+            mlflow_url, mlflow_data = mlflow_source
+            for host in net.hosts:
+                net.start_workers(host, many.settings(), name="w", log_dir=log_dir, extra_env=HEALING)
+            yield {"net": net, "one": one_host, "many": many, "server": server, "mongo_uri": net.url(server.uri),
+                   "mlflow_one": replace(one_host, source_url=mlflow_url, data=mlflow_data),
+                   "mlflow_many": replace(many, source_url=net.url(mlflow_url), data=mlflow_data)}
+    finally:
+        client = redis.Redis.from_url(broker_url)
+        client.delete(one_host.queue, f"shuttle-hosts-{PID}")
+        drop_db(source_db)
+        drop_db(ledger_db)
+        server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def modmon(hosts) -> tuple[Case, Case]:
+    """(one host, three hosts) over the same source and ledger; the one-host baseline is run once."""
+    one, many = ModmonCase(hosts["one"]), ModmonCase(hosts["many"])
+    many.__dict__["baseline"] = one.baseline  # a cached property: the three-host case compares with the one-host run
+    return one, many
+
+
+@pytest.fixture(scope="module")
+def mongo(hosts) -> Iterator[tuple[Case, Case]]:
+    server = hosts["server"]
+    one = MongoCase(hosts["mlflow_one"], server.uri, server)
+    many = MongoCase(hosts["mlflow_many"], hosts["mongo_uri"], server)
+    yield one, many
+    one.cleanup()
+
+
+def chunk_hosts(case: Case, run_id: str) -> Counter:
+    workers = case.env.ledger_sql("SELECT worker FROM shuttle.chunks WHERE run_id = %s", (run_id,))
+    return Counter(host_of(worker or "") for (worker,) in workers)
+
+
+@pytest.mark.parametrize("migration", ["modmon", "mlflow-to-mongo"])
+def test_split_across_three_hosts_equals_one_host(hosts, modmon, mongo, migration):
+    one, many = modmon if migration == "modmon" else mongo
+    baseline = one.baseline
+    name = "many"
+    many.prepare_target(name)
+    code, report = many.env.run_json("run", *many.run_args(name))
+    assert code == 0, report["verdict_reason"]
+    assert_exact(many, run_id := report["run_id"], name, baseline, report)
+    split = chunk_hosts(many, run_id)
+    assert set(split) == {host.name for host in hosts["net"].hosts}, f"every chunk on a host, every host did one: {split}"
+    recorded = urlsplit(report["source"]).hostname, urlsplit(report["target"]).hostname
+    assert recorded == (hosts["net"].service_address,) * 2, "the run's URLs reach the hosts' service address"
+
+
+def test_link_down_mid_chunk_heals_by_itself(hosts, modmon):
+    net, (_, case) = hosts["net"], modmon
+    cut = net.hosts[1]
+    try:
+        with case.started_held("cut") as run_id:
+            chunk_id, worker = wait_for(lambda: next(iter(case.env.ledger_sql(
+                "SELECT chunk_id, worker FROM shuttle.chunks WHERE run_id = %s AND state = 'running' AND worker LIKE %s",
+                (run_id, f"%@{cut.name}:%"))), None), timeout=60, interval=0.05)
+            net.link_down(cut)
+        report = healed(case, run_id)
+    finally:
+        net.link_up(cut)
+    assert_exact(case, run_id, "cut", case.baseline, report)
+    stale = case.env.ledger_sql("SELECT count(*) FROM shuttle.events WHERE chunk_id = %s AND kind = 'stale'",
+                                (chunk_id,))[0][0]
+    assert stale == 1, "the cut-off host's chunk was found stale and sent again, once"
+    final, attempts = case.env.ledger_sql("SELECT worker, attempts FROM shuttle.chunks WHERE chunk_id = %s",
+                                          (chunk_id,))[0]
+    assert attempts >= 2 and host_of(final) != cut.name, f"another host finished it: {final}"
