@@ -259,20 +259,25 @@ class HostWorkers:
             time.sleep(0.3)
         raise RuntimeError(f"the workers of host {self.host.name} did not come online within {timeout:.0f}s")
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL to what is left; a worker cut off cannot finish, so the
-        bound is short."""
-        for process in self.processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for process in self.processes:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    def stop(self, timeout: float = 10.0) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL to what is left."""
+        _stop(self.processes, timeout)
         self.processes.clear()
+
+
+def _stop(processes: list[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM to every process group at once, SIGKILL to those still there after `timeout`: a worker whose
+    link was down may be stuck on a dead connection and never finish its warm shutdown."""
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 class NetnsHosts:
@@ -335,11 +340,10 @@ class NetnsHosts:
 
     def close(self) -> None:
         """Everything this instance made, in reverse; each step runs even if an earlier one failed."""
-        for workers in self.workers:
-            try:
-                workers.stop()
-            except Exception:  # noqa: BLE001 - go on tearing down
-                pass
+        try:
+            _stop([p for workers in self.workers for p in workers.processes], timeout=10.0)
+        except Exception:  # noqa: BLE001 - go on tearing down
+            pass
         self.workers.clear()
         if self._forwarder is not None:
             self._forwarder.close()

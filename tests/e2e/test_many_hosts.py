@@ -32,6 +32,12 @@ from tests.mongo_server import REAL_MONGO_URI, NxServer
 pytestmark = pytest.mark.e2e
 PID = os.getpid()
 HOSTS = 3
+# The forwarder gives up on a host silent this long and closes its sessions, as the server itself does with
+# the keepalives below (which the forwarder, standing between, keeps from acting). Without it the run does
+# not heal: the chunk sent again waits on the rows the cut-off host's open transaction still locks.
+DEAD_PEER_AFTER_S = 5.0
+# What the README's "Add a worker on another host" sets on every worker host.
+KEEPALIVES = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 -c tcp_user_timeout=30000"
 
 
 def host_of(worker: str) -> str:
@@ -56,13 +62,13 @@ def hosts(mlflow_source, tmp_path_factory) -> Iterator[dict]:
     one_host = Env(source_url, ledger_url, broker_url, data, log_dir, f"shuttle-hosts-{PID}-one")
     server = NxServer().start()
     try:
-        with NetnsHosts(HOSTS) as net:
+        with NetnsHosts(HOSTS, dead_peer_after_s=DEAD_PEER_AFTER_S) as net:
             # What the hosts (and the producer, which records these URLs in the ledger) use: the service address.
             many = Env(net.url(source_url), net.url(ledger_url), net.url(broker_url), data, log_dir,
                        f"shuttle-hosts-{PID}")
             mlflow_url, mlflow_data = mlflow_source
             for host in net.hosts:
-                net.start_workers(host, many.settings(), name="w", log_dir=log_dir, extra_env=HEALING)
+                net.start_workers(host, many.settings(), name="w", log_dir=log_dir, extra_env={**HEALING, "PGOPTIONS": KEEPALIVES})
             yield {"net": net, "one": one_host, "many": many, "server": server, "mongo_uri": net.url(server.uri),
                    "mlflow_one": replace(one_host, source_url=mlflow_url, data=mlflow_data),
                    "mlflow_many": replace(many, source_url=net.url(mlflow_url), data=mlflow_data)}
