@@ -341,7 +341,7 @@ class NetnsHosts:
     def close(self) -> None:
         """Everything this instance made, in reverse; each step runs even if an earlier one failed."""
         try:
-            _stop([p for workers in self.workers for p in workers.processes], timeout=10.0)
+            _stop([p for workers in self.workers for p in workers.processes], timeout=5.0)
         except Exception:  # noqa: BLE001 - go on tearing down
             pass
         self.workers.clear()

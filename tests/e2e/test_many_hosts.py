@@ -46,14 +46,31 @@ def host_of(worker: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def hosts(mlflow_source, tmp_path_factory) -> Iterator[dict]:
-    """Three hosts with one worker each on the hosts' queue, and the loopback env of the one-host runs."""
+def namespaces() -> None:
+    """Skips the file, with the reason, before anything is built where namespaces cannot be made."""
     try:
         check_available()
     except Unavailable as exc:
         pytest.skip(str(exc))
     if REAL_MONGO_URI:
         pytest.skip("the hosts reach services of this machine only; SHUTTLE_TEST_MONGO_URI is another server")
+
+
+@pytest.fixture(scope="module")
+def small_mlflow(namespaces) -> Iterator[tuple[str, object]]:
+    """An MLflow database of our own, smaller than the session's: the two mlflow-to-mongo runs on nx-27017
+    take seconds, and building it costs about as much as MLflow's schema alone."""
+    from common.migrations.mlflow_fixtures import build_mlflow_source
+
+    name = f"shuttle_hosts_{PID}_mlflow"
+    url = create_db(name)
+    yield url, build_mlflow_source(url, experiments=3, runs_per_experiment=12, steps=12)
+    drop_db(name)
+
+
+@pytest.fixture(scope="module")
+def hosts(namespaces, small_mlflow, tmp_path_factory) -> Iterator[dict]:
+    """Three hosts with one worker each on the hosts' queue, and the loopback env of the one-host runs."""
     source_db, ledger_db = f"shuttle_hosts_{PID}", f"shuttle_hosts_ledger_{PID}"
     source_url, ledger_url = create_db(source_db), create_db(ledger_db)
     data = build_source(source_url, rows=24_000, deployments=6)
@@ -66,12 +83,17 @@ def hosts(mlflow_source, tmp_path_factory) -> Iterator[dict]:
             # What the hosts (and the producer, which records these URLs in the ledger) use: the service address.
             many = Env(net.url(source_url), net.url(ledger_url), net.url(broker_url), data, log_dir,
                        f"shuttle-hosts-{PID}")
-            mlflow_url, mlflow_data = mlflow_source
+            mlflow_url, mlflow_data = small_mlflow
             for host in net.hosts:
-                net.start_workers(host, many.settings(), name="w", log_dir=log_dir, extra_env={**HEALING, "PGOPTIONS": KEEPALIVES})
-            yield {"net": net, "one": one_host, "many": many, "server": server, "mongo_uri": net.url(server.uri),
-                   "mlflow_one": replace(one_host, source_url=mlflow_url, data=mlflow_data),
-                   "mlflow_many": replace(many, source_url=net.url(mlflow_url), data=mlflow_data)}
+                net.start_workers(host, many.settings(), name="w", log_dir=log_dir, wait=False,
+                                  extra_env={**HEALING, "PGOPTIONS": KEEPALIVES})
+            with one_host.workers(2, "one"):  # the one-host runs' workers, on loopback
+                for group in net.workers:
+                    group.wait_ready()
+                yield {"net": net, "one": one_host, "many": many, "server": server,
+                       "mongo_uri": net.url(server.uri),
+                       "mlflow_one": replace(one_host, source_url=mlflow_url, data=mlflow_data),
+                       "mlflow_many": replace(many, source_url=net.url(mlflow_url), data=mlflow_data)}
     finally:
         client = redis.Redis.from_url(broker_url)
         client.delete(one_host.queue, f"shuttle-hosts-{PID}")
@@ -80,11 +102,21 @@ def hosts(mlflow_source, tmp_path_factory) -> Iterator[dict]:
         server.cleanup()
 
 
+def one_host_baseline(one: Case, many: Case) -> object:
+    """The one-host run (the loopback workers, their own queue) into target `base`; both cases compare with it."""
+    one.prepare_target("base")
+    code, report = one.env.run_json("run", *one.run_args("base"))
+    assert code == 0, report["verdict_reason"]
+    baseline = one.checksum("base")
+    one.__dict__["baseline"] = many.__dict__["baseline"] = baseline  # Case.baseline is a cached property
+    return baseline
+
+
 @pytest.fixture(scope="module")
 def modmon(hosts) -> tuple[Case, Case]:
-    """(one host, three hosts) over the same source and ledger; the one-host baseline is run once."""
+    """(one host, three hosts) over the same source and ledger."""
     one, many = ModmonCase(hosts["one"]), ModmonCase(hosts["many"])
-    many.__dict__["baseline"] = one.baseline  # a cached property: the three-host case compares with the one-host run
+    one_host_baseline(one, many)
     return one, many
 
 
@@ -93,6 +125,7 @@ def mongo(hosts) -> Iterator[tuple[Case, Case]]:
     server = hosts["server"]
     one = MongoCase(hosts["mlflow_one"], server.uri, server)
     many = MongoCase(hosts["mlflow_many"], hosts["mongo_uri"], server)
+    one_host_baseline(one, many)
     yield one, many
     one.cleanup()
 
