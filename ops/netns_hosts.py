@@ -119,10 +119,12 @@ def _alive(pid: int) -> bool:
 
 
 def _remove_slot(slot: int) -> None:
-    """Delete what an instance of slot `slot` made: its namespaces and root-side links."""
+    """Delete what an instance of slot `slot` whose owner died made: the processes left inside its hosts
+    (workers with no way out), its namespaces and its root-side links."""
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
         if name.startswith(f"shuttle-{slot}-h"):
+            _kill_inside(name)
             _ip("netns", "del", name, check=False)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
         parts = line.split(":")
@@ -132,9 +134,35 @@ def _remove_slot(slot: int) -> None:
                 _ip("link", "del", link, check=False)
 
 
+def _kill_inside(namespace: str) -> None:
+    for pid in _ip("netns", "pids", namespace, check=False).stdout.split():
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _owner(claim: Path) -> int:
+    try:
+        return int(claim.read_text().strip() or "0")
+    except (OSError, ValueError):
+        return 0
+
+
+def _clean_orphans() -> None:
+    """Remove every instance whose owning process is gone (killed before it could tear down)."""
+    for claim in CLAIMS.glob("*.pid"):
+        owner = _owner(claim)
+        if claim.stem.isdigit() and not (owner and _alive(owner)):
+            _remove_slot(int(claim.stem))
+            claim.unlink(missing_ok=True)
+
+
 def _claim_slot() -> int:
     """A slot no live process holds, claimed by an exclusive file; a dead owner's leftovers are removed."""
     CLAIMS.mkdir(parents=True, exist_ok=True)
+    _clean_orphans()
     start = (os.getpid() * 7) % SLOTS
     for step in range(SLOTS):
         slot = (start + step) % SLOTS
@@ -143,10 +171,7 @@ def _claim_slot() -> int:
             try:
                 fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    owner = int(claim.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    owner = 0
+                owner = _owner(claim)
                 if owner and _alive(owner):
                     break
                 _remove_slot(slot)
@@ -349,12 +374,7 @@ class NetnsHosts:
             self._forwarder.close()
             self._forwarder = None
         for host in self.hosts:
-            for pid in _ip("netns", "pids", host.namespace, check=False).stdout.split():
-                if pid.isdigit():  # a process started inside by a caller's .command(): ours to end
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            _kill_inside(host.namespace)  # what a caller started inside with .command(): ours to end
             _ip("netns", "del", host.namespace, check=False)
             _ip("link", "del", host.root_link, check=False)
         self.hosts.clear()
