@@ -136,8 +136,8 @@ def chunk_hosts(case: Case, run_id: str) -> Counter:
 
 
 @pytest.mark.parametrize("migration", ["modmon", "mlflow-to-mongo"])
-def test_split_across_three_hosts_equals_one_host(hosts, modmon, mongo, migration):
-    one, many = modmon if migration == "modmon" else mongo
+def test_split_across_three_hosts_equals_one_host(hosts, migration, request):
+    one, many = request.getfixturevalue("modmon" if migration == "modmon" else "mongo")
     baseline = one.baseline
     name = "many"
     many.prepare_target(name)
@@ -151,6 +151,7 @@ def test_split_across_three_hosts_equals_one_host(hosts, modmon, mongo, migratio
 
 
 def test_link_down_mid_chunk_heals_by_itself(hosts, modmon):
+    """Last in the file: the cut-off host's worker is left as the outage left it (its link up again)."""
     net, (_, case) = hosts["net"], modmon
     cut = net.hosts[1]
     try:
