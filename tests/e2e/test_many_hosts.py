@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
+from common.broker import Broker
 from common.migrations.modmon_fixtures import build_source
 from ops.netns_hosts import NetnsHosts, Unavailable, check_available
 from tests.conftest import REDIS_BASE, create_db, drop_db
@@ -151,9 +152,11 @@ def test_split_across_three_hosts_equals_one_host(hosts, migration, request):
 
 
 def test_link_down_mid_chunk_heals_by_itself(hosts, modmon):
-    """Last in the file: the cut-off host's worker is left as the outage left it (its link up again)."""
+    """The run heals while the host is cut off; then its link comes back and its worker rejoins by itself, and
+    whatever its abandoned attempt does on its return changes nothing."""
     net, (_, case) = hosts["net"], modmon
     cut = net.hosts[1]
+    (cut_workers,) = [group for group in net.workers if group.host == cut]
     try:
         with case.started_held("cut") as run_id:
             chunk_id, worker = wait_for(lambda: next(iter(case.env.ledger_sql(
@@ -163,6 +166,8 @@ def test_link_down_mid_chunk_heals_by_itself(hosts, modmon):
         report = healed(case, run_id)
     finally:
         net.link_up(cut)
+    broker = Broker(case.env.settings())
+    wait_for(lambda: set(cut_workers.nodes) <= set(broker.workers_online(timeout=1.0)), timeout=90, interval=0.5)
     assert_exact(case, run_id, "cut", case.baseline, report)
     stale = case.env.ledger_sql("SELECT count(*) FROM shuttle.events WHERE chunk_id = %s AND kind = 'stale'",
                                 (chunk_id,))[0][0]
