@@ -8,13 +8,16 @@ stand-in) listen on 127.0.0.1 only and are not reconfigured: a forwarder of this
 127.0.0.1. A host's own loopback has nothing behind it, so a worker that reaches a service at all reaches
 it through its link.
 
-    198.18.K.10+i  (host i, in namespace shuttle-K-hi) ──veth── 198.18.K.1  (root side: service address)
-                                                                  └─ forwarder → 127.0.0.1:<same port>
+    P.10+i  (host i: namespace and hostname shuttle-K-hi, link eth0) ──veth── P.1  (root side, link shKhi:
+                                                                                the service address)
+                                                                   forwarder: P.1:<port> → 127.0.0.1:<port>
 
-Addresses come from 198.18.0.0/15, the range reserved for benchmarking interconnects (RFC 2544): never a
-real destination. K (0..511) is claimed per instance with an exclusive file under /run/shuttle-netns,
-so parallel test processes never share names or addresses; an instance whose owner died is cleaned up by
-the next one that claims its K.
+P is 198.(18 + K // 256).(K % 256), in 198.18.0.0/15, the range reserved for benchmarking interconnects
+(RFC 2544): never a real destination. K (0..511) is claimed per instance with an exclusive file under
+/run/shuttle-netns, so parallel test processes never share names or addresses. Every instance that starts
+first removes those whose owning process died without tearing down (SIGKILL): the processes left inside
+their hosts, their namespaces and links. The forwarder is a thread of the calling process, which must
+stay alive while the hosts are used.
 
 The forwarder drops a connection whose host stopped answering within `dead_peer_after_s` (TCP keepalive
 and TCP_USER_TIMEOUT on the host's side), then closes its side to the service. It plays the part of a
@@ -32,8 +35,9 @@ API (all of it):
     NetnsHosts(hosts=3, ports=(), dead_peer_after_s=5.0)   a context manager; `with` sets up, exit tears
                                               everything down (workers, forwarder, namespaces, links), also
                                               after an error. Construction does nothing.
-      .service_address -> str                 "198.18.K.1"
-      .hosts -> list[Host]                    Host(name, namespace, address, root_link): name = hostname
+      .service_address -> str                 "P.1", the same from every host and from the caller
+      .hosts -> list[Host]                    Host(name, namespace, address, root_link); name = its hostname
+      .workers -> list[HostWorkers]           every group start_workers started
       .expose(port) -> None                   forward service_address:port → 127.0.0.1:port (idempotent)
       .url(url) -> str                        a URL with host 127.0.0.1/localhost rewritten to the service
                                               address (its port exposed); other URLs unchanged
@@ -42,9 +46,11 @@ API (all of it):
       .start_workers(host, settings, count=1, concurrency=1, name="w", log_dir=None, extra_env=None,
                      wait=True) -> HostWorkers
                                               Celery workers inside the host, node names
-                                              f"{name}{j}@{host.name}", settings rewritten by .settings();
-                                              stopped by .stop() or at teardown
+                                              f"{name}{j}@{host.name}" (the ledger records each chunk's
+                                              worker as that plus ":pid"), settings rewritten by
+                                              .settings(); stopped by .stop() or at teardown
       .link_down(host) / .link_up(host)       the host's link (its namespace side) down / up again
+      .close()                                what leaving `with` does; safe to call twice
     HostWorkers: .host, .nodes (Celery node names), .processes, .wait_ready(timeout), .stop(timeout)
 """
 
