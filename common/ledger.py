@@ -22,7 +22,8 @@ from common.ledger_schema import (SCHEMA, TERMINAL_CHUNK_STATES, add_missing_col
                                   rejects, reports, runs, verifications)
 from common.model import ChunkOutcome, ChunkSpec, WriteCounts
 from common.service_errors import service_unavailable
-from common.urls import mask, sqlalchemy_url
+from common.pg_sessions import session_params
+from common.urls import libpq_url, mask, sqlalchemy_url
 
 RAW_EXCERPT_CHARS = 500
 SWEEPER_LOCK = "shuttle.sweeper:"
@@ -124,7 +125,7 @@ class Ledger:
         pool: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4} if pooled \
             else {"poolclass": sa.pool.NullPool}
         self.engine = sa.create_engine(
-            sqlalchemy_url(url), **pool, connect_args={"connect_timeout": 10, "application_name": "shuttle-ledger"})
+            sqlalchemy_url(url), **pool, connect_args=session_params(libpq_url(url), "shuttle-ledger"))
 
     # -- setup -------------------------------------------------------------------------------------
 

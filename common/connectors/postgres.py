@@ -20,6 +20,7 @@ from common.connectors.base import Sink as BaseSink
 from common.connectors.base import Source as BaseSource
 from common.errors import ConfigError, ServiceUnavailable, TransientError
 from common.model import WriteCounts
+from common.pg_sessions import session_params
 from common.urls import libpq_url, mask
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -77,7 +78,7 @@ def create_database(url: str) -> bool:
     name = psycopg.conninfo.conninfo_to_dict(dsn).get("dbname") or "postgres"
     try:
         with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, dbname="postgres"), autocommit=True,
-                             connect_timeout=10) as conn:
+                             **session_params(dsn, "shuttle-setup")) as conn:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
                 return False
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -113,7 +114,7 @@ class _Connected:
 
     def _connect(self) -> psycopg.Connection:
         try:
-            return psycopg.connect(self._url, connect_timeout=10, application_name=f"shuttle-{self.role}")
+            return psycopg.connect(self._url, **session_params(self._url, f"shuttle-{self.role}"))
         except psycopg.OperationalError as exc:
             raise TransientError(f"{self.role} database {self.public_url} is unreachable: "
                                  f"{_first_line(exc)}") from None
@@ -173,7 +174,7 @@ class Source(_Connected, BaseSource):
     def writable(self) -> Iterator[psycopg.Connection]:
         """A separate read-write transaction, used only by the explicit purge command."""
         try:
-            conn = psycopg.connect(self._url, connect_timeout=10, application_name="shuttle-purge")
+            conn = psycopg.connect(self._url, **session_params(self._url, "shuttle-purge"))
         except psycopg.OperationalError as exc:
             raise ServiceUnavailable(f"source database {self.public_url} is unreachable: {_first_line(exc)}") from None
         try:

@@ -34,11 +34,10 @@ pytestmark = pytest.mark.e2e
 PID = os.getpid()
 HOSTS = 3
 # The forwarder gives up on a host silent this long and closes its sessions, as the server itself does with
-# the keepalives below (which the forwarder, standing between, keeps from acting). Without it the run does
-# not heal: the chunk sent again waits on the rows the cut-off host's open transaction still locks.
+# the keepalives every Shuttle session asks for (`common/pg_sessions.py`), which the forwarder, standing
+# between, keeps from acting. Without it the run does not heal: the chunk sent again waits on the rows the
+# cut-off host's open transaction still locks.
 DEAD_PEER_AFTER_S = 5.0
-# What the README's "Add a worker on another host" sets on every worker host.
-KEEPALIVES = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 -c tcp_user_timeout=30000"
 
 
 def host_of(worker: str) -> str:
@@ -87,7 +86,7 @@ def hosts(namespaces, small_mlflow, tmp_path_factory) -> Iterator[dict]:
             mlflow_url, mlflow_data = small_mlflow
             for host in net.hosts:
                 net.start_workers(host, many.settings(), name="w", log_dir=log_dir, wait=False,
-                                  extra_env={**HEALING, "PGOPTIONS": KEEPALIVES})
+                                  extra_env=HEALING)
             with one_host.workers(2, "one"):  # the one-host runs' workers, on loopback
                 for group in net.workers:
                     group.wait_ready()
