@@ -16,7 +16,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -335,8 +335,13 @@ def _plain(value: Any) -> Any:
 def bson_value(value: Any) -> Any:
     """A value BSON can store: Decimals as Decimal128, dates as datetimes, tuples as lists."""
     kind = type(value)
-    if kind in (str, int, float, bool, type(None), datetime):
+    if kind in (str, int, float, bool, type(None)):
         return value
+    if kind is datetime:
+        # What BSON keeps: UTC, milliseconds, no zone; stored so, an unchanged row compares equal on a re-run.
+        if value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.replace(microsecond=value.microsecond // 1000 * 1000)
     if isinstance(value, dict):
         return {str(k): bson_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -1,0 +1,161 @@
+"""A declared migration (one TOML file) on real servers, for every pair: PostgreSQL → PostgreSQL,
+PostgreSQL → MongoDB, MongoDB → MongoDB, MongoDB → PostgreSQL (nx-27017, or the real MongoDB of
+SHUTTLE_TEST_MONGO_URI). Each pair: a fresh run lands every row the mapping accepts and verifies clean,
+a re-run writes nothing, a row deleted at the source disappears from the target, a selection by
+partition touches only its partition, and rows that break the mapping are rejects with key and reason."""
+
+from __future__ import annotations
+
+import os
+
+import psycopg
+import pymongo
+import pytest
+
+from common.migrations.base import Selection
+from tests.conftest import create_db, drop_db
+from tests.integration.declared_fixtures import (BAD_SCORE_IDS, DEPLOYMENTS, MISSING_SCORE_IDS, ROWS,
+                                                 build_mongo_source, build_pg_source, migrate, migration_file,
+                                                 open_declared, totals)
+
+ACCEPTED = ROWS - len(BAD_SCORE_IDS) - len(MISSING_SCORE_IDS)
+PAIRS = ["pg-pg", "pg-mongo", "mongo-mongo", "mongo-pg"]
+
+
+class Pair:
+    """One source and one target of the pair's kinds, with the file that maps between them."""
+
+    def __init__(self, kinds: str, pg_url: str, mongo_url: str) -> None:
+        self.source_kind, self.target_kind = kinds.split("-")
+        self.pg_url, self.mongo_url = pg_url, mongo_url
+        self.source_url = pg_url if self.source_kind == "pg" else mongo_url
+        self.target_url = pg_url if self.target_kind == "pg" else mongo_url
+        self.client = pymongo.MongoClient(mongo_url.rsplit("/", 1)[0])
+        self.mongo = self.client[mongo_url.rsplit("/", 1)[1]]
+
+    def build(self) -> None:
+        if self.source_kind == "pg":
+            build_pg_source(self.pg_url)
+        else:
+            build_mongo_source(self.mongo["archived_predictions"])
+
+    def text(self, **kwargs) -> str:
+        source = 'table = "archived_predictions"' if self.source_kind == "pg" else 'collection = "archived_predictions"'
+        target = 'table = "predictions"' if self.target_kind == "pg" else 'collection = "predictions"'
+        return migration_file(source, target, **kwargs)
+
+    def open(self, **flags):
+        return open_declared(self.text(), self.source_url, self.target_url, **flags)
+
+    def source_key(self, i: int):
+        return i if self.source_kind == "pg" else f"p{i:05d}"
+
+    def delete_source(self, i: int) -> None:
+        if self.source_kind == "pg":
+            with psycopg.connect(self.pg_url) as conn:
+                conn.execute("DELETE FROM archived_predictions WHERE id = %s", (i,))
+        else:
+            self.mongo["archived_predictions"].delete_one({"_id": self.source_key(i)})
+
+    def target_keys(self) -> set:
+        """The prediction ids in the target, as text."""
+        if self.target_kind == "pg":
+            with psycopg.connect(self.pg_url) as conn:
+                return {str(k) for (k,) in conn.execute("SELECT prediction_id FROM predictions")}
+        return {str(d["prediction_id"]) for d in self.mongo["predictions"].find({}, {"prediction_id": 1})}
+
+    def target_row(self, i: int) -> dict:
+        key = self.source_key(i)
+        if self.target_kind == "pg":
+            with psycopg.connect(self.pg_url) as conn:
+                cur = conn.execute("SELECT * FROM predictions WHERE prediction_id = %s", (key if isinstance(key, int)
+                                                                                         else key,))
+                return dict(zip([d.name for d in cur.description], cur.fetchone()))
+        return self.mongo["predictions"].find_one({"prediction_id": key})
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture(params=PAIRS)
+def pair(request, mongo_uri):
+    pg_name = f"shuttle_decl_{os.getpid()}_{request.param.replace('-', '_')}"
+    mongo_name = f"shuttle_decl_{os.getpid()}_{abs(hash(request.node.nodeid)) % 10**8}"
+    pg_url = create_db(pg_name)
+    with pymongo.MongoClient(mongo_uri) as client:
+        client.drop_database(mongo_name)
+    the_pair = Pair(request.param, pg_url, f"{mongo_uri}/{mongo_name}")
+    the_pair.build()
+    yield the_pair
+    the_pair.close()
+    with pymongo.MongoClient(mongo_uri) as client:
+        client.drop_database(mongo_name)
+    drop_db(pg_name)
+
+
+def _key_text(pair: Pair, i: int) -> str:
+    return f'["{pair.source_key(i)}"]'
+
+
+def test_fresh_run_rerun_delete_and_rejects(pair):
+    migration = pair.open()
+    outcomes, checks = migrate(migration)
+    migration.close()
+    assert [c for c in checks if not c.ok] == []
+    assert {c.partition for c in checks if c.partition} == set(DEPLOYMENTS)
+    assert totals(outcomes).inserted == ACCEPTED
+    rejects = {r.key: r.reason for o in outcomes for r in o.rejects}
+    assert set(rejects) == {_key_text(pair, i) for i in (*BAD_SCORE_IDS, *MISSING_SCORE_IDS)}
+    assert "'n/a' is not a number" in rejects[_key_text(pair, BAD_SCORE_IDS[0])]
+    assert "path $.score in 'payload' is missing" in rejects[_key_text(pair, MISSING_SCORE_IDS[0])]
+    assert len(pair.target_keys()) == ACCEPTED
+
+    stored = pair.target_row(5)
+    assert stored["email"] == "user5@example.com"
+    assert stored["region"] == "eu"
+    assert abs(stored["score"] - round(5 / ROWS, 4)) < 1e-9
+    assert stored["created_at"].replace(tzinfo=None).isoformat() == "2024-03-01T00:05:00"
+    assert "debug_blob" not in stored and "debug_blob" not in (stored.get("extra") or {})
+
+    again = pair.open()
+    outcomes, checks = migrate(again)
+    again.close()
+    assert [c for c in checks if not c.ok] == []
+    assert totals(outcomes).written == 0
+    assert totals(outcomes).unchanged == ACCEPTED
+
+    pair.delete_source(10)
+    after = pair.open()
+    outcomes, checks = migrate(after)
+    after.close()
+    assert [c for c in checks if not c.ok] == []
+    assert totals(outcomes).deleted == 1
+    assert totals(outcomes).inserted == totals(outcomes).updated == 0
+    assert str(pair.source_key(10)) not in pair.target_keys()
+    assert len(pair.target_keys()) == ACCEPTED - 1
+
+
+def test_selection_by_partition_touches_only_that_partition(pair):
+    migration = pair.open()
+    outcomes, checks = migrate(migration, Selection(partitions=("dep-b",)))
+    migration.close()
+    assert [c.partition for c in checks if c.entity == "predictions"] == ["dep-b"]
+    assert all(c.ok for c in checks)
+    expected = {str(pair.source_key(i)) for i in range(1, ROWS + 1)
+                if DEPLOYMENTS[i % 3] == "dep-b" and i not in (*BAD_SCORE_IDS, *MISSING_SCORE_IDS)}
+    assert pair.target_keys() == expected
+    assert totals(outcomes).inserted == len(expected)
+
+    pair.delete_source(11)  # in dep-c: a run of dep-b neither reads nor deletes there
+    again = pair.open()
+    outcomes, _ = migrate(again, Selection(partitions=("dep-b",)))
+    again.close()
+    assert totals(outcomes).written == 0
+    assert pair.target_keys() == expected
+
+
+def test_an_unknown_partition_is_refused(pair):
+    migration = pair.open()
+    with pytest.raises(Exception, match="unknown partitions of predictions-compact: dep-zzz"):
+        migrate(migration, Selection(partitions=("dep-zzz",)))
+    migration.close()
