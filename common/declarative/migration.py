@@ -53,6 +53,7 @@ class DeclaredMigration(Migration):
         self._counts: dict[str, int] | None = None
         self._mapper: Mapper | None = None
         self._refused: dict[Any, str] = {}
+        self._coerce: dict[str, Any] | None = None
 
     @classmethod
     def plan_options(cls, **flags: Any) -> dict[str, Any]:
@@ -127,6 +128,23 @@ class DeclaredMigration(Migration):
             columns.append(TargetColumn(spec.rest_column, "jsonb", "jsonb"))
         return columns
 
+    def _typed(self, row: dict[str, Any]) -> dict[str, Any]:
+        """From MongoDB into PostgreSQL, values as their column takes them: a `text` column gets the text of
+        an ObjectId (or any value), a `jsonb` one a JSON value. Other pairs' values are typed already."""
+        if self._coerce is None:
+            self._coerce = {}
+            if self.spec.source.kind == "mongo" and self.spec.target.kind == "postgres":
+                for column in self.target_columns():
+                    if column.ddl_type == "jsonb":
+                        self._coerce[column.name] = jsonable
+                    elif column.ddl_type == "text":
+                        self._coerce[column.name] = lambda v: v if isinstance(v, str) else str(v)
+        for name, convert in self._coerce.items():
+            value = row.get(name)
+            if value is not None:
+                row[name] = convert(value)
+        return row
+
     # -- planning ----------------------------------------------------------------------------------
 
     def check_services(self) -> None:
@@ -185,7 +203,7 @@ class DeclaredMigration(Migration):
         for row in self.reader.rows(spec.partition, spec.lo, spec.hi):
             outcome.rows_read += 1
             try:
-                out = mapper.apply(row)
+                out = self._typed(mapper.apply(row))
                 missing = [k for k in key if out.get(k) is None]
                 if missing:
                     raise MappingError(f"key column {missing[0]} is NULL")
@@ -278,7 +296,7 @@ class DeclaredMigration(Migration):
                 if compared >= size:
                     break
                 try:
-                    expected = self.mapper.apply(row)
+                    expected = self._typed(self.mapper.apply(row))
                 except MappingError:
                     continue  # a reject: counted by the count check
                 compared += 1

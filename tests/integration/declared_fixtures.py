@@ -57,11 +57,13 @@ def build_mongo_source(collection, rows: int = ROWS) -> None:
 
 
 def migration_file(source: str, target: str, *, source_url: str | None = None, target_url: str | None = None,
-                   extra_columns: str = "", options: str = "", name: str = "predictions-compact") -> str:
+                   extra_columns: str = "", options: str = "", name: str = "predictions-compact",
+                   key_cast: bool = True) -> str:
     """The file text; `source` / `target` are e.g. 'table = "archived_predictions"' or 'collection = "x"'."""
     mongo_source = source.startswith("collection")
     key = 'key = ["_id"]' if mongo_source else 'key = ["id"]\nchunk_by = "id"'
-    key_column = 'prediction_id = { from = "_id", cast = "text" }' if mongo_source else 'prediction_id = { from = "id" }'
+    cast = ', cast = "text"' if key_cast else ""
+    key_column = f'prediction_id = {{ from = "_id"{cast} }}' if mongo_source else 'prediction_id = { from = "id" }'
     return f"""
 [migration]
 name = "{name}"

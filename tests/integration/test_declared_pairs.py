@@ -44,11 +44,18 @@ class Pair:
         target = 'table = "predictions"' if self.target_kind == "pg" else 'collection = "predictions"'
         return migration_file(source, target, **kwargs)
 
-    def open(self, **flags):
-        return open_declared(self.text(), self.source_url, self.target_url, **flags)
+    def open(self, text: str | None = None, **flags):
+        return open_declared(text or self.text(), self.source_url, self.target_url, **flags)
 
     def source_key(self, i: int):
         return i if self.source_kind == "pg" else f"p{i:05d}"
+
+    def delete_partition(self, partition: str) -> None:
+        if self.source_kind == "pg":
+            with psycopg.connect(self.pg_url) as conn:
+                conn.execute("DELETE FROM archived_predictions WHERE deployment_id = %s", (partition,))
+        else:
+            self.mongo["archived_predictions"].delete_many({"deployment_id": partition})
 
     def delete_source(self, i: int) -> None:
         if self.source_kind == "pg":
@@ -159,3 +166,25 @@ def test_an_unknown_partition_is_refused(pair):
     with pytest.raises(Exception, match="unknown partitions of predictions-compact: dep-zzz"):
         migrate(migration, Selection(partitions=("dep-zzz",)))
     migration.close()
+
+
+def test_an_emptied_partition_is_emptied_in_the_target_and_the_key_is_unique(pair):
+    """Also: from MongoDB, `_id` renamed without a cast lands as text; into MongoDB, the key gets a unique index."""
+    text = pair.text(key_cast=False)
+    migration = pair.open(text)
+    outcomes, checks = migrate(migration)
+    migration.close()
+    assert [c for c in checks if not c.ok] == []
+    if pair.target_kind == "mongo":
+        indexes = pair.mongo["predictions"].index_information().values()
+        assert any(i.get("unique") and [k for k, _ in i["key"]] == ["prediction_id"] for i in indexes)
+    pair.delete_partition("dep-c")
+    again = pair.open(text)
+    outcomes, checks = migrate(again)
+    again.close()
+    assert [c for c in checks if not c.ok] == []
+    assert "dep-c" in {c.partition for c in checks}  # planned from the target alone
+    in_dep_c = {i for i in range(1, ROWS + 1) if DEPLOYMENTS[i % 3] == "dep-c"
+                and i not in (*BAD_SCORE_IDS, *MISSING_SCORE_IDS)}
+    assert totals(outcomes).deleted == len(in_dep_c)
+    assert pair.target_keys().isdisjoint({str(pair.source_key(i)) for i in in_dep_c})
