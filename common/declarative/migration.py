@@ -49,7 +49,8 @@ class DeclaredMigration(Migration):
         target_url = with_password(target_url, [expand_env(spec.target.url, "[target] url", required=False)])
         self.reader = open_reader(source_url, spec.source)
         self.writer = open_writer(target_url, spec)
-        self.entity = spec.target.name
+        # Reports name the target table without its schema, as the built-ins do.
+        self.entity = spec.target.name.rpartition(".")[2]
         self._counts: dict[str, int] | None = None
         self._mapper: Mapper | None = None
         self._refused: dict[Any, str] = {}

@@ -59,7 +59,7 @@ def test_a_migration_file_runs_like_a_built_in(declared):
     assert report["migration"] == "predictions-compact" and report["run_id"].startswith("predictions-compact-")
     assert report["verdict"] == "clean"
     assert report["totals"]["rows_rejected"] == len(BAD_SCORE_IDS) + len(MISSING_SCORE_IDS)
-    assert report["totals"]["targets"]["compact.predictions"]["inserted"] == ACCEPTED
+    assert report["totals"]["targets"]["predictions"]["inserted"] == ACCEPTED
     assert {r["key"] for r in report["rejects"]["sample"]} >= {f'["{i}"]' for i in BAD_SCORE_IDS}
     assert env.sql("SELECT count(*) FROM compact.predictions") == [(ACCEPTED,)]
     # A created table keeps the source's types and NOT NULL, with the key as primary key; declared indexes built.
