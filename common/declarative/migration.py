@@ -186,10 +186,17 @@ class DeclaredMigration(Migration):
         self.writer.prepare(self.target_columns())
 
     def finish_target(self) -> None:
-        if isinstance(self.writer, MongoWriter):
-            self._refused = self.writer.finish()
-        else:
-            self.writer.finish()
+        """Indexes, once every chunk has ended: the declared ones, and with copy_indexes the source's."""
+        self._refused = self.writer.finish(self.copied_indexes())
+
+    def copied_indexes(self) -> list[tuple[tuple[str, ...], bool]]:
+        """The source table's indexes whose every column reaches the target unchanged, in target names."""
+        if not self.spec.target.copy_indexes or not isinstance(self.reader, PostgresReader):
+            return []
+        unchanged = {name: name for name in self.mapper.unmapped([c.name for c in self.reader.columns()])}
+        unchanged.update({r.source: r.target for r in self.spec.columns if r.is_plain and r.cast is None})
+        return [(tuple(unchanged[c] for c in columns), unique) for columns, unique in self.reader.indexes()
+                if all(c in unchanged for c in columns)]
 
     # -- one chunk -----------------------------------------------------------------------------------
 
@@ -281,9 +288,9 @@ class DeclaredMigration(Migration):
             detail = "" if ok else (f"{src - dst - rej} source rows are neither in the target nor rejects" if src > dst + rej
                                     else f"the target holds {dst + rej - src} rows more than the source")
             checks.append(Check(self.entity, partition, ok, src, dst, rej, detail))
-        for index, reason in self._refused.items():
+        for columns, reason in self._refused.items():
             checks.append(Check(f"{self.entity} (indexes)", "", False, 0, 0, 0,
-                                f"index on {', '.join(k for k, _ in index.keys)} refused: {reason}"))
+                                f"index on {', '.join(columns)} refused: {reason}"))
         sample = int(self.options.get("sample") or 0)
         if sample:
             checks.append(self._sample_check(list(partitions), sample))

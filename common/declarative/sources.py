@@ -99,6 +99,19 @@ class PostgresReader:
                                       f"it has: {', '.join(sorted(names))}")
         return self._columns
 
+    def indexes(self) -> list[tuple[tuple[str, ...], bool]]:
+        """The table's plain indexes other than the primary key: (columns in order, unique). Indexes on
+        expressions or with a WHERE are left out (their text would name source columns)."""
+        if self.spec.table is None:
+            return []
+        rows = self.db.query(
+            "SELECT i.indisunique, array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i"
+            " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+            " WHERE i.indrelid = to_regclass(%s) AND NOT i.indisprimary AND i.indexprs IS NULL"
+            " AND i.indpred IS NULL GROUP BY i.indexrelid, i.indisunique ORDER BY i.indexrelid", [self.spec.table])
+        return [(tuple(columns), bool(unique)) for unique, columns in rows]
+
     def _describe(self) -> list[tuple[str, int]]:
         from common.connectors.postgres import translate_errors
 

@@ -28,7 +28,7 @@ URL_SCHEMES = {"postgres": ("postgresql://", "postgres://", "postgresql+psycopg:
 SECTIONS = {
     "migration": {"name", "summary"},
     "source": {"url", "table", "collection", "query", "key", "partition", "chunk_by"},
-    "target": {"url", "table", "collection", "create", "indexes"},
+    "target": {"url", "table", "collection", "create", "indexes", "copy_indexes"},
     "columns": None,  # any target name
     "options": {"keep_unmapped", "drop", "rest_column", "keep_deleted"},
     "validate": {"counts", "sample", "checksum"},
@@ -68,6 +68,7 @@ class TargetSpec:
     collection: str | None
     create: bool
     indexes: tuple[tuple[str, ...], ...]
+    copy_indexes: bool = False  # the source table's indexes over columns that reach the target unchanged
 
     @property
     def name(self) -> str:
@@ -229,7 +230,7 @@ def _target(section: dict[str, Any]) -> TargetSpec:
             isinstance(i, list) and i and all(isinstance(c, str) for c in i) for i in indexes):
         raise SpecProblem(where + ("indexes",), "indexes must be a list of column lists, e.g. [[\"a\", \"b\"], [\"c\"]]")
     return TargetSpec(kind, url, table, collection, _flag(section, where + ("create",), True),
-                      tuple(tuple(i) for i in indexes))
+                      tuple(tuple(i) for i in indexes), _flag(section, where + ("copy_indexes",), False))
 
 
 def _columns(section: dict[str, Any], source_kind: str) -> tuple[ColumnRule, ...]:
@@ -317,7 +318,8 @@ def _url(section: dict[str, Any], where: tuple[str, ...], kind: str) -> str | No
         raise SpecProblem(where + ("url",), f"{where[0]} names {what}, so its url must start with "
                           f"{' or '.join(URL_SCHEMES[kind])}")
     userinfo = url.split("://", 1)[1].split("@", 1)[0] if "@" in url else ""
-    if ":" in userinfo and not re.search(r":\$\{[A-Za-z_][A-Za-z0-9_]*\}$", userinfo):
+    in_query = re.search(r"[?&]password=(?!\$\{[A-Za-z_][A-Za-z0-9_]*\}(&|$))", url)
+    if in_query or (":" in userinfo and not re.search(r":\$\{[A-Za-z_][A-Za-z0-9_]*\}$", userinfo)):
         raise SpecProblem(where + ("url",), "no passwords in migration files: write ${ENV_VAR} in its place "
                           "(e.g. postgresql://app:${APP_PASSWORD}@host/db), or pass the URL with --"
                           f"{where[0]}-url")

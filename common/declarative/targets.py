@@ -120,16 +120,24 @@ class PostgresWriter:
                               f"({', '.join(key)}), which every upsert is keyed on; add one")
         self.table = TableSpec(self.table_name, tuple(Column(c.name, found[c.name]) for c in columns), key)
 
-    def finish(self) -> None:
-        """The declared indexes, built after the load (idempotent)."""
+    def finish(self, copied: Sequence[tuple[tuple[str, ...], bool]] = ()) -> dict[tuple[str, ...], str]:
+        """The declared indexes and the source's `copied` ones (columns, unique), built after the load;
+        idempotent. Returns those the server refused (e.g. a unique one over duplicates), with the reason."""
+        import psycopg
         from psycopg import sql
 
         from common.connectors.postgres import identifier
 
-        for columns in self.spec.target.indexes:
-            self.sink.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-                sql.Identifier(index_name(self.table_name, columns)), identifier(self.table_name),
-                sql.SQL(", ").join(sql.Identifier(c) for c in columns)))
+        refused: dict[tuple[str, ...], str] = {}
+        wanted = [(tuple(c), False) for c in self.spec.target.indexes] + list(copied)
+        for columns, unique in dict.fromkeys(wanted):
+            try:
+                self.sink.execute(sql.SQL("CREATE {}INDEX IF NOT EXISTS {} ON {} ({})").format(
+                    sql.SQL("UNIQUE " if unique else ""), sql.Identifier(index_name(self.table_name, columns)),
+                    identifier(self.table_name), sql.SQL(", ").join(sql.Identifier(c) for c in columns)))
+            except (psycopg.errors.UniqueViolation, psycopg.errors.UndefinedColumn) as exc:
+                refused[columns] = str(exc).splitlines()[0]
+        return refused
 
     def write(self, rows: list[dict[str, Any]], owned: Owned | None) -> tuple[WriteCounts, list[Reject]]:
         assert self.table is not None, "prepare() first"
@@ -232,18 +240,21 @@ class MongoWriter:
                                       "and [target] create = false; create it, or set create = true")
         self.sink.ensure_collections([self.collection])
 
-    def indexes(self) -> list[Any]:
+    def indexes(self, copied: Sequence[tuple[tuple[str, ...], bool]] = ()) -> list[Any]:
         from common.connectors.mongo import Index
 
         wanted = []
         if self.key != ("_id",):
             wanted.append(Index(tuple((k, 1) for k in self.key), unique=True))
         wanted += [Index(tuple((c, 1) for c in columns)) for columns in self.spec.target.indexes]
-        return wanted
+        wanted += [Index(tuple((c, 1) for c in columns), unique) for columns, unique in copied]
+        return list(dict.fromkeys(wanted))
 
-    def finish(self) -> dict[Any, str]:
-        """The unique key index and the declared ones, after the load; returns those the server refused."""
-        return self.sink.ensure_indexes(self.collection, self.indexes())
+    def finish(self, copied: Sequence[tuple[tuple[str, ...], bool]] = ()) -> dict[tuple[str, ...], str]:
+        """The unique key index, the declared and the `copied` ones, after the load; returns those the
+        server refused, with its reason."""
+        refused = self.sink.ensure_indexes(self.collection, self.indexes(copied))
+        return {tuple(k for k, _ in index.keys): reason for index, reason in refused.items()}
 
     def document(self, row: dict[str, Any]) -> dict[str, Any]:
         from common.migrations.mlflow_mapping import document_id

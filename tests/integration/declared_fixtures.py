@@ -45,6 +45,9 @@ def build_pg_source(url: str, rows: int = ROWS) -> None:
                 r = row(i)
                 copy.write_row((r["id"], r["deployment_id"], r["ts_ms"], r["email"], json.dumps(r["payload"]),
                                 r["debug_blob"], r["note"]))
+        # Copied by `copy_indexes` (every column reaches the target, one renamed) and left out (ts_ms is derived).
+        conn.execute("CREATE INDEX archived_by_deployment ON archived_predictions (deployment_id, id)")
+        conn.execute("CREATE INDEX archived_by_time ON archived_predictions (ts_ms)")
 
 
 def build_mongo_source(collection, rows: int = ROWS) -> None:

@@ -80,6 +80,16 @@ class Pair:
                 return dict(zip([d.name for d in cur.description], cur.fetchone()))
         return self.mongo["predictions"].find_one({"prediction_id": key})
 
+    def index_columns(self) -> list[tuple[str, ...]]:
+        """The target's indexes, each as its columns in order."""
+        if self.target_kind == "pg":
+            with psycopg.connect(self.pg_url) as conn:
+                return [tuple(c) for (c,) in conn.execute(
+                    "SELECT array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i CROSS JOIN LATERAL"
+                    " unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) JOIN pg_attribute a ON a.attrelid = i.indrelid"
+                    " AND a.attnum = k.attnum WHERE i.indrelid = 'predictions'::regclass GROUP BY i.indexrelid")]
+        return [tuple(k for k, _ in i["key"]) for i in self.mongo["predictions"].index_information().values()]
+
     def close(self) -> None:
         self.client.close()
 
@@ -169,15 +179,20 @@ def test_an_unknown_partition_is_refused(pair):
 
 
 def test_an_emptied_partition_is_emptied_in_the_target_and_the_key_is_unique(pair):
-    """Also: from MongoDB, `_id` renamed without a cast lands as text; into MongoDB, the key gets a unique index."""
-    text = pair.text(key_cast=False)
+    """Also: from MongoDB, `_id` renamed without a cast lands as text; into MongoDB, the key gets a unique index;
+    copy_indexes copies the source's indexes whose columns reach the target unchanged."""
+    text = pair.text(key_cast=False).replace("create = true", "create = true\ncopy_indexes = true")
     migration = pair.open(text)
     outcomes, checks = migrate(migration)
     migration.close()
     assert [c for c in checks if not c.ok] == []
     if pair.target_kind == "mongo":
-        indexes = pair.mongo["predictions"].index_information().values()
-        assert any(i.get("unique") and [k for k, _ in i["key"]] == ["prediction_id"] for i in indexes)
+        indexes = [[k for k, _ in i["key"]] for i in pair.mongo["predictions"].index_information().values()
+                   if i.get("unique")]
+        assert ["prediction_id"] in indexes
+    if pair.source_kind == "pg":
+        assert ("deployment_id", "prediction_id") in pair.index_columns()
+        assert not any("created_at" in i and len(i) == 1 for i in pair.index_columns())
     pair.delete_partition("dep-c")
     again = pair.open(text)
     outcomes, checks = migrate(again)
@@ -188,3 +203,27 @@ def test_an_emptied_partition_is_emptied_in_the_target_and_the_key_is_unique(pai
                 and i not in (*BAD_SCORE_IDS, *MISSING_SCORE_IDS)}
     assert totals(outcomes).deleted == len(in_dep_c)
     assert pair.target_keys().isdisjoint({str(pair.source_key(i)) for i in in_dep_c})
+
+
+def test_a_query_source_and_an_existing_target(fresh_db):
+    """PostgreSQL → PostgreSQL from a SELECT into a table that exists: its columns and key are checked first."""
+    build_pg_source(fresh_db)
+    text = migration_file('query = "SELECT id, deployment_id, ts_ms, email, payload FROM archived_predictions'
+                          ' WHERE id <= 100"', 'table = "predictions"').replace("create = true", "create = false")
+    migration = open_declared(text, fresh_db, fresh_db)
+    with pytest.raises(Exception, match="target table predictions does not exist .* create = false"):
+        migrate(migration)
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute("CREATE TABLE predictions (prediction_id bigint, deployment_id text, score float8, label jsonb,"
+                     " created_at timestamptz, region text, email text)")
+    with pytest.raises(Exception, match=r"has no primary key or unique index on \(prediction_id\)"):
+        migrate(migration)
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute("ALTER TABLE predictions ADD PRIMARY KEY (prediction_id)")
+    outcomes, checks = migrate(migration)
+    migration.close()
+    assert [c for c in checks if not c.ok] == []
+    assert totals(outcomes).inserted == 100 - len([i for i in (*BAD_SCORE_IDS, *MISSING_SCORE_IDS) if i <= 100])
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT email, region FROM predictions WHERE prediction_id = 9").fetchone() == (
+            "user9@example.com", "eu")

@@ -72,6 +72,8 @@ def test_a_good_file_gives_the_spec_and_survives_the_run_options():
      "migrations/p.toml:7: source.key: key column 'id' must reach the target as it is"),
     ('[source]', '[source]\nurl = "postgresql://app:secret@db/app"', "migrations/p.toml:6: source.url: no passwords "
      "in migration files: write ${ENV_VAR} in its place"),
+    ('[source]', '[source]\nurl = "postgresql://app@db/app?password=secret"', "migrations/p.toml:6: source.url: "
+     "no passwords in migration files"),
     ('[source]', '[source]\nurl = "mongodb://db/app"', "migrations/p.toml:6: source.url: source names a table or "
      "query, so its url must start with postgresql://"),
 ])
@@ -96,6 +98,12 @@ def test_a_mongodb_source_is_keyed_and_cut_by_id():
     assert spec.source.key == ("_id",) and spec.source.chunk_by == "_id"
     assert "chunk_by: a MongoDB source is cut into chunks by _id" in error_of(
         text.replace('partition = "deployment_id"', 'partition = "deployment_id"\nchunk_by = "n"'))
+
+
+def test_a_password_from_the_environment_is_allowed():
+    spec = parse_spec(GOOD.replace("[source]", '[source]\nurl = "postgresql://app:${APP_PW}@db/app?password=${APP_PW}"'),
+                      "p.toml")
+    assert spec.source.url == "postgresql://app:${APP_PW}@db/app?password=${APP_PW}"
 
 
 def test_urls_take_passwords_from_the_environment(monkeypatch):
