@@ -227,3 +227,51 @@ def test_a_query_source_and_an_existing_target(fresh_db):
     with psycopg.connect(fresh_db) as conn:
         assert conn.execute("SELECT email, region FROM predictions WHERE prediction_id = 9").fetchone() == (
             "user9@example.com", "eu")
+
+
+COPY_ONLY = """
+[migration]
+name = "predictions-copy"
+[source]
+table = "archived_predictions"
+key = ["id"]
+partition = "deployment_id"
+[target]
+table = "copy.predictions"
+[columns]
+prediction_id = { from = "id" }
+source = { constant = "archive" }
+[options]
+drop = ["debug_blob"]
+"""
+
+
+def test_renames_and_constants_only_pass_the_copy_data_through(fresh_db):
+    """PostgreSQL → PostgreSQL with nothing to convert: the binary COPY data goes through undecoded, with the
+    same outcome as the row-by-row path (fresh, re-run, a deleted row, a selected partition)."""
+    build_pg_source(fresh_db)
+    migration = open_declared(COPY_ONLY, fresh_db, fresh_db)
+    outcomes, checks = migrate(migration)
+    assert migration._copy_select is not False, "renames and constants need no Python"
+    migration.close()
+    assert [c for c in checks if not c.ok] == [] and totals(outcomes).inserted == ROWS
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT count(*) FROM copy.predictions WHERE source = 'archive'").fetchone() == (ROWS,)
+        source = conn.execute("SELECT md5(string_agg(row(id, deployment_id, ts_ms, email, payload, note)::text, ','"
+                              " ORDER BY id)) FROM archived_predictions").fetchone()
+        target = conn.execute("SELECT md5(string_agg(row(prediction_id, deployment_id, ts_ms, email, payload, note)"
+                              "::text, ',' ORDER BY prediction_id)) FROM copy.predictions").fetchone()
+        assert source == target
+        conn.execute("DELETE FROM archived_predictions WHERE id = 30")
+        conn.execute("UPDATE archived_predictions SET note = 'changed' WHERE id = 31")
+    again = open_declared(COPY_ONLY, fresh_db, fresh_db)
+    outcomes, checks = migrate(again)
+    again.close()
+    assert [c for c in checks if not c.ok] == []
+    assert (totals(outcomes).deleted, totals(outcomes).updated, totals(outcomes).inserted) == (1, 1, 0)
+    assert totals(outcomes).unchanged == ROWS - 2
+    selected = open_declared(COPY_ONLY, fresh_db, fresh_db)
+    outcomes, checks = migrate(selected, Selection(partitions=("dep-a",)))
+    selected.close()
+    assert [c.partition for c in checks if c.entity == "predictions"] == ["dep-a"]
+    assert totals(outcomes).written == 0 and totals(outcomes).unchanged == ROWS // 3 - 1  # id 30 is gone
