@@ -154,6 +154,9 @@ class DeclaredMigration(Migration):
         self.writer.check_reachable()
 
     def count_partitions(self, selection: Selection) -> list[PartitionCount]:
+        if selection.since or selection.until or selection.model_names:
+            raise ConfigError(f"{self.spec.name} is a declared migration: it selects by partition only "
+                              "(--partitions); --since, --until and --model-names do not apply")
         counts = self.reader.count(selection.partitions)
         if self.spec.target.kind == "postgres" or self.spec.source.kind == "postgres":
             self.reader.columns()  # names the missing key, partition or chunking column before anything runs

@@ -86,6 +86,12 @@ class PostgresWriter:
         from common.connectors.postgres import identifier
 
         key = self.spec.target_key
+        names = {c.name for c in columns}
+        for index in self.spec.target.indexes:
+            unknown = [c for c in index if c not in names]
+            if unknown:
+                raise ConfigError(f"[target] indexes: {unknown[0]!r} is not a column of the target; its columns: "
+                                  f"{', '.join(c.name for c in columns)}")
         existing = self.existing_columns()
         if not existing:
             if not self.spec.target.create:
@@ -135,7 +141,7 @@ class PostgresWriter:
                 self.sink.execute(sql.SQL("CREATE {}INDEX IF NOT EXISTS {} ON {} ({})").format(
                     sql.SQL("UNIQUE " if unique else ""), sql.Identifier(index_name(self.table_name, columns)),
                     identifier(self.table_name), sql.SQL(", ").join(sql.Identifier(c) for c in columns)))
-            except (psycopg.errors.UniqueViolation, psycopg.errors.UndefinedColumn) as exc:
+            except psycopg.errors.UniqueViolation as exc:
                 refused[columns] = str(exc).splitlines()[0]
         return refused
 

@@ -7,6 +7,7 @@ partition touches only its partition, and rows that break the mapping are reject
 from __future__ import annotations
 
 import os
+from datetime import datetime
 
 import psycopg
 import pymongo
@@ -275,3 +276,26 @@ def test_renames_and_constants_only_pass_the_copy_data_through(fresh_db):
     selected.close()
     assert [c.partition for c in checks if c.entity == "predictions"] == ["dep-a"]
     assert totals(outcomes).written == 0 and totals(outcomes).unchanged == ROWS // 3 - 1  # id 30 is gone
+
+
+def test_without_a_partition_column_the_source_is_one_partition(pair):
+    text = pair.text().replace('partition = "deployment_id"\n', "")
+    if pair.source_kind == "mongo" and pair.target_kind == "pg":
+        # Not a partition any more, deployment_id goes into the JSONB rest column: an index cannot name it.
+        with pytest.raises(Exception, match="indexes: 'deployment_id' is not a column of the target"):
+            migrate(pair.open(text))
+        text = text.replace('indexes = [["deployment_id", "created_at"]]', "")
+    migration = pair.open(text)
+    outcomes, checks = migrate(migration, chunk_rows=80)
+    migration.close()
+    assert [(c.partition, c.ok) for c in checks if c.entity == "predictions"] == [("(all)", True)]
+    assert len(outcomes) == 4  # 300 rows cut every 80th by the chunking column
+    assert totals(outcomes).inserted == ACCEPTED
+    pair.delete_source(250)
+    again = pair.open(text)
+    outcomes, checks = migrate(again, chunk_rows=80)
+    again.close()
+    assert all(c.ok for c in checks)
+    assert (totals(outcomes).deleted, totals(outcomes).written) == (1, 1)
+    with pytest.raises(Exception, match="selects by partition only"):
+        migrate(pair.open(text), Selection(since=datetime(2024, 1, 1)))
