@@ -242,14 +242,16 @@ table = "copy.predictions"
 [columns]
 prediction_id = { from = "id" }
 source = { constant = "archive" }
+ts = { from = "ts_ms", cast = "float" }
 [options]
 drop = ["debug_blob"]
 """
 
 
 def test_renames_and_constants_only_pass_the_copy_data_through(fresh_db):
-    """PostgreSQL → PostgreSQL with nothing to convert: the binary COPY data goes through undecoded, with the
-    same outcome as the row-by-row path (fresh, re-run, a deleted row, a selected partition)."""
+    """PostgreSQL → PostgreSQL with nothing that can fail (renames, constants, a widening cast): one SELECT's
+    binary COPY data goes through undecoded, with the same outcome as the row-by-row path (fresh, re-run, a
+    deleted row, a selected partition)."""
     build_pg_source(fresh_db)
     migration = open_declared(COPY_ONLY, fresh_db, fresh_db)
     outcomes, checks = migrate(migration)
@@ -260,7 +262,7 @@ def test_renames_and_constants_only_pass_the_copy_data_through(fresh_db):
         assert conn.execute("SELECT count(*) FROM copy.predictions WHERE source = 'archive'").fetchone() == (ROWS,)
         source = conn.execute("SELECT md5(string_agg(row(id, deployment_id, ts_ms, email, payload, note)::text, ','"
                               " ORDER BY id)) FROM archived_predictions").fetchone()
-        target = conn.execute("SELECT md5(string_agg(row(prediction_id, deployment_id, ts_ms, email, payload, note)"
+        target = conn.execute("SELECT md5(string_agg(row(prediction_id, deployment_id, ts::int8, email, payload, note)"
                               "::text, ',' ORDER BY prediction_id)) FROM copy.predictions").fetchone()
         assert source == target
         conn.execute("DELETE FROM archived_predictions WHERE id = 30")
