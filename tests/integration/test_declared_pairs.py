@@ -301,3 +301,17 @@ def test_without_a_partition_column_the_source_is_one_partition(pair):
     assert (totals(outcomes).deleted, totals(outcomes).written) == (1, 1)
     with pytest.raises(Exception, match="selects by partition only"):
         migrate(pair.open(text), Selection(since=datetime(2024, 1, 1)))
+
+
+def test_keep_deleted_keeps_what_the_source_lost_and_verify_says_so(pair):
+    first = pair.open()
+    migrate(first)
+    first.close()
+    pair.delete_source(20)
+    kept = pair.open(keep_deleted=True)
+    outcomes, checks = migrate(kept)
+    kept.close()
+    assert totals(outcomes).written == 0
+    assert str(pair.source_key(20)) in pair.target_keys()
+    bad = [c for c in checks if not c.ok]
+    assert len(bad) == 1 and bad[0].detail == "the target holds 1 rows more than the source"
