@@ -105,3 +105,43 @@ def test_shuttle_migrations_lists_the_folder_beside_the_built_ins(declared):
     bad = env.shuttle("run", str(folder / "broken.toml"))
     assert bad.returncode == 2
     assert f"broken.toml:{line}: columns.score.cast: unknown cast 'double'" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def mongo_url():
+    """A MongoDB database: on nx-27017 started here, or on the real server of SHUTTLE_TEST_MONGO_URI."""
+    import pymongo
+
+    from tests.mongo_server import REAL_MONGO_URI, NxServer
+
+    server = None if REAL_MONGO_URI else NxServer().start()
+    uri = REAL_MONGO_URI.rstrip("/") if REAL_MONGO_URI else server.uri
+    name = f"shuttle_decl_e2e_{os.getpid()}"
+    yield f"{uri}/{name}"
+    with pymongo.MongoClient(uri) as client:
+        client.drop_database(name)
+    if server is not None:
+        server.cleanup()
+
+
+def test_a_file_into_mongodb_through_the_cli(declared, mongo_url, tmp_path):
+    import pymongo
+
+    env, _, _ = declared
+    path = tmp_path / "to-mongo.toml"
+    path.write_text(migration_file('table = "archived_predictions"', 'collection = "predictions"',
+                                   name="predictions-to-mongo"))
+    code, report = env.run_json("run", str(path), "--source-url", env.source_url, "--target-url", mongo_url,
+                                "--chunk-rows", "100")
+    assert code == 0, report["verdict_reason"]
+    totals = report["totals"]  # (a test before may have deleted a source row)
+    assert totals["rows_rejected"] == len(BAD_SCORE_IDS) + len(MISSING_SCORE_IDS)
+    assert totals["targets"]["predictions"]["inserted"] == totals["source_rows"] - totals["rows_rejected"] > 0
+    assert report["target"] == mongo_url
+    with pymongo.MongoClient(mongo_url) as client:
+        stored = client.get_default_database()["predictions"].find_one({"_id": 5})
+    assert stored["email"] == "user5@example.com" and stored["prediction_id"] == 5
+    verified = env.shuttle("verify", report["run_id"], "--json", "--target-url", mongo_url)
+    assert verified.returncode == 0, verified.stderr
+    again = env.shuttle("report", report["run_id"], "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["verdict"] == "clean"
