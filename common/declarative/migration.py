@@ -224,7 +224,8 @@ class DeclaredMigration(Migration):
         outcome = ChunkOutcome(writes={self.entity: WriteCounts()})
         mapper, key = self.mapper, self.spec.target_key
         to_mongo = isinstance(self.writer, MongoWriter)
-        batch: list[dict[str, Any]] = []
+        columns = () if to_mongo else self.writer.table.column_names  # type: ignore[union-attr]
+        batch: list[Any] = []
         seen: set[Any] = set()
         for row in self.reader.rows(spec.partition, spec.lo, spec.hi):
             outcome.rows_read += 1
@@ -244,7 +245,7 @@ class DeclaredMigration(Migration):
                     self._write(batch, None, seen, outcome)
                     batch = []
             else:
-                batch.append(out)
+                batch.append(tuple(out.get(n) for n in columns))  # a tuple holds a chunk in a third of a dict's memory
             if outcome.rows_read % PROGRESS_EVERY == 0:
                 progress(outcome.rows_read)
         self._write(batch, self._owned(spec), seen, outcome)
@@ -302,7 +303,7 @@ class DeclaredMigration(Migration):
         progress(rows)
         return ChunkOutcome(rows_read=rows, writes={self.entity: counts})
 
-    def _write(self, batch: list[dict[str, Any]], owned: Owned | None, seen: set[Any], outcome: ChunkOutcome) -> None:
+    def _write(self, batch: list[Any], owned: Owned | None, seen: set[Any], outcome: ChunkOutcome) -> None:
         if isinstance(self.writer, MongoWriter):
             in_range = self.reader.within if isinstance(self.reader, PostgresReader) else None
             counts, rejects = self.writer.write(batch, owned, seen, in_range)

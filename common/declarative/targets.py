@@ -145,11 +145,10 @@ class PostgresWriter:
                 refused[columns] = str(exc).splitlines()[0]
         return refused
 
-    def write(self, rows: list[dict[str, Any]], owned: Owned | None) -> tuple[WriteCounts, list[Reject]]:
+    def write(self, rows: list[tuple], owned: Owned | None) -> tuple[WriteCounts, list[Reject]]:
+        """Upsert rows (tuples in the table's column order); with `owned`, the owned rows not among them go."""
         assert self.table is not None, "prepare() first"
-        names = self.table.column_names
-        return self.sink.upsert(self.table, [tuple(r.get(n) for n in names) for r in rows],
-                                owned=self._owned_sql(owned) if owned is not None else None), []
+        return self.sink.upsert(self.table, rows, owned=self._owned_sql(owned) if owned is not None else None), []
 
     @staticmethod
     def _owned_sql(owned: Owned):
