@@ -289,17 +289,14 @@ class DeclaredMigration(Migration):
         return sql.SQL(", ").join(made[c][0] for c in table.column_names)
 
     def _run_pass_through(self, spec: ChunkSpec, progress: ProgressCallback) -> ChunkOutcome:
-        from psycopg import sql
 
         reader, writer = self.reader, self.writer
         assert isinstance(reader, PostgresReader) and isinstance(writer, PostgresWriter) and writer.table
-        query = sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(
-            self._copy_select, reader._from, reader._in_partition(spec.partition),
-            reader.in_range(self.spec.source.chunk_by, spec.lo, spec.hi))
+        query = reader.chunk_select(self._copy_select, spec.partition, spec.lo, spec.hi)
         owned = self._owned(spec)
         counted: list[int] = []
         counts, rows = writer.sink.upsert_copy_data(writer.table, reader.db.stream_raw(query, counted),
-                                                    owned=writer._owned_sql(owned) if owned is not None else None)
+                                                    owned=writer.owned_sql(owned) if owned is not None else None)
         progress(rows)
         return ChunkOutcome(rows_read=rows, writes={self.entity: counts})
 
@@ -368,11 +365,10 @@ class DeclaredMigration(Migration):
 
     def _sample_check(self, partitions: list[str], size: int) -> Check:
         """`size` source rows of the partitions, mapped again and compared field by field with the target."""
-        compared, differing, rows = 0, [], 0
+        compared, differing = 0, []
+        each = max(1, -(-size // max(1, len(partitions))))  # spread over the partitions
         for partition in partitions:
-            for row in self.reader.rows(partition, "", ""):
-                if compared >= size:
-                    break
+            for row in self.reader.rows(partition, "", "", limit=min(each, size - compared)):
                 try:
                     expected = self._typed(self.mapper.apply(row))
                 except MappingError:
@@ -391,7 +387,6 @@ class DeclaredMigration(Migration):
                     if not _same(stored.get(field), value):
                         differing.append(f"{self._key_text(row)}: {field} is {stored.get(field)!r}, expected {value!r}")
                         break
-            rows += compared
             if compared >= size:
                 break
         detail = "; ".join(differing[:3])

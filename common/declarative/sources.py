@@ -184,7 +184,12 @@ class PostgresReader:
                 sql.SQL(column.ddl_type), sql.SQL(" AND ").join(conditions)), params)}
         return [i in inside for i in range(len(values))]
 
-    def rows(self, partition: str, lo: str, hi: str) -> Iterator[dict[str, Any]]:
+    def chunk_select(self, columns: sql.Composable, partition: str, lo: str, hi: str) -> sql.Composable:
+        """`SELECT columns` of a chunk's rows: its partition and its range of the chunking column."""
+        return sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(
+            columns, self._from, self._in_partition(partition), self.in_range(self.spec.chunk_by, lo, hi))
+
+    def rows(self, partition: str, lo: str, hi: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
         """The chunk's rows as dicts, streamed by binary COPY; columns psycopg cannot read in binary as text."""
         columns = self.columns()
         adapters = self.db.connection().adapters
@@ -196,9 +201,9 @@ class PostgresReader:
             else:
                 selected.append(sql.Identifier(c.name))
                 types.append(c.copy_type)
-        query = sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(
-            sql.SQL(", ").join(selected), self._from, self._in_partition(partition),
-            self.in_range(self.spec.chunk_by, lo, hi))
+        query = self.chunk_select(sql.SQL(", ").join(selected), partition, lo, hi)
+        if limit is not None:
+            query = sql.SQL("{} LIMIT {}").format(query, sql.Literal(limit))
         names = [c.name for c in columns]
         for row in self.db.stream(query, types):
             yield dict(zip(names, row))
@@ -242,9 +247,14 @@ class MongoReader:
 
         return partition != NO_PARTITION
 
-    def rows(self, partition: str, lo: str, hi: str, batch: int = 1_000) -> Iterator[dict[str, Any]]:
-        for documents in self.db.read(partition, lo, hi, batch):
-            yield from documents
+    def rows(self, partition: str, lo: str, hi: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        read = 0
+        for documents in self.db.read(partition, lo, hi, min(limit or 1_000, 1_000)):
+            for document in documents:
+                if limit is not None and read >= limit:
+                    return
+                read += 1
+                yield document
 
 
 def decode_mongo_bound(text: str) -> Any:

@@ -148,10 +148,10 @@ class PostgresWriter:
     def write(self, rows: list[tuple], owned: Owned | None) -> tuple[WriteCounts, list[Reject]]:
         """Upsert rows (tuples in the table's column order); with `owned`, the owned rows not among them go."""
         assert self.table is not None, "prepare() first"
-        return self.sink.upsert(self.table, rows, owned=self._owned_sql(owned) if owned is not None else None), []
+        return self.sink.upsert(self.table, rows, owned=self.owned_sql(owned) if owned is not None else None), []
 
     @staticmethod
-    def _owned_sql(owned: Owned):
+    def owned_sql(owned: Owned):
         from psycopg import sql
 
         conditions: list[Any] = [sql.SQL("TRUE")]

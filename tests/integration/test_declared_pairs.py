@@ -315,3 +315,19 @@ def test_keep_deleted_keeps_what_the_source_lost_and_verify_says_so(pair):
     assert str(pair.source_key(20)) in pair.target_keys()
     bad = [c for c in checks if not c.ok]
     assert len(bad) == 1 and bad[0].detail == "the target holds 1 rows more than the source"
+
+
+def test_the_sampled_comparison_finds_a_target_edited_by_hand(pair):
+    migration = pair.open()
+    _, checks = migrate(migration)
+    assert [c.ok for c in checks if c.entity == "predictions (sample)"] == [True]
+    if pair.target_kind == "pg":
+        with psycopg.connect(pair.pg_url) as conn:
+            conn.execute("UPDATE predictions SET region = 'us'")
+    else:
+        pair.mongo["predictions"].update_many({}, {"$set": {"region": "us"}})
+    checks = migration.verify(Selection(), list(DEPLOYMENTS), {})
+    migration.close()
+    sample = [c for c in checks if c.entity == "predictions (sample)"]
+    assert len(sample) == 1 and not sample[0].ok and sample[0].source_rows == 20
+    assert "region is 'us', expected 'eu'" in sample[0].detail
