@@ -29,6 +29,7 @@ from common.errors import ConfigError
 from common.migrations.base import Check, Migration, ProgressCallback, Selection
 from common.model import ChunkOutcome, ChunkSpec, PartitionCount, Reject, WriteCounts
 from common.urls import with_password
+from common.write_behind import WriteBehind
 
 PROGRESS_EVERY = 5_000
 # Casts PostgreSQL makes exactly as the Python mapping does and that cannot fail, by the source column's type:
@@ -66,6 +67,7 @@ class DeclaredMigration(Migration):
         self._refused: dict[Any, str] = {}
         self._coerce: dict[str, Any] | None = None
         self._copy_select: Any = None  # the pass-through SELECT, False when the mapping needs Python
+        self._writes = WriteBehind("shuttle-declared-write")
 
     @classmethod
     def plan_options(cls, **flags: Any) -> dict[str, Any]:
@@ -227,27 +229,34 @@ class DeclaredMigration(Migration):
         columns = () if to_mongo else self.writer.table.column_names  # type: ignore[union-attr]
         batch: list[Any] = []
         seen: set[Any] = set()
-        for row in self.reader.rows(spec.partition, spec.lo, spec.hi):
-            outcome.rows_read += 1
-            try:
-                out = self._typed(mapper.apply(row))
-                missing = [k for k in key if out.get(k) is None]
-                if missing:
-                    raise MappingError(f"key column {missing[0]} is NULL")
-            except MappingError as exc:
-                outcome.rejects.append(Reject(self.entity, self._key_text(row), str(exc), _excerpt(row)))
-                continue
-            if to_mongo:
-                out = self.writer.document(out)  # type: ignore[union-attr]
-                seen.add(out["_id"])
-                batch.append(out)
-                if len(batch) >= self.writer.sink.batch_size:  # type: ignore[union-attr]
-                    self._write(batch, None, seen, outcome)
-                    batch = []
-            else:
-                batch.append(tuple(out.get(n) for n in columns))  # a tuple holds a chunk in a third of a dict's memory
-            if outcome.rows_read % PROGRESS_EVERY == 0:
-                progress(outcome.rows_read)
+        try:
+            for row in self.reader.rows(spec.partition, spec.lo, spec.hi):
+                outcome.rows_read += 1
+                try:
+                    out = self._typed(mapper.apply(row))
+                    missing = [k for k in key if out.get(k) is None]
+                    if missing:
+                        raise MappingError(f"key column {missing[0]} is NULL")
+                except MappingError as exc:
+                    outcome.rejects.append(Reject(self.entity, self._key_text(row), str(exc), _excerpt(row)))
+                    continue
+                if to_mongo:
+                    out = self.writer.document(out)  # type: ignore[union-attr]
+                    seen.add(out["_id"])
+                    batch.append(out)
+                    if len(batch) >= self.writer.sink.batch_size:  # type: ignore[union-attr]
+                        # Written by the write-behind thread while the next batch is read (it alone touches
+                        # `outcome.writes`; rejects are appended from both threads, atomic list operations).
+                        self._writes.submit(self._write, batch, None, seen, outcome)
+                        batch = []
+                else:
+                    batch.append(tuple(out.get(n) for n in columns))  # a third of a dict's memory per row
+                if outcome.rows_read % PROGRESS_EVERY == 0:
+                    progress(outcome.rows_read)
+            self._writes.finish()
+        except BaseException:
+            self._writes.abandon()
+            raise
         self._write(batch, self._owned(spec), seen, outcome)
         progress(outcome.rows_read)
         return outcome
@@ -393,6 +402,7 @@ class DeclaredMigration(Migration):
         return Check(f"{self.entity} (sample)", "", not differing, compared, compared - len(differing), 0, detail)
 
     def close(self) -> None:
+        self._writes.close()
         self.reader.close()
         self.writer.close()
 

@@ -331,3 +331,21 @@ def test_the_sampled_comparison_finds_a_target_edited_by_hand(pair):
     sample = [c for c in checks if c.entity == "predictions (sample)"]
     assert len(sample) == 1 and not sample[0].ok and sample[0].source_rows == 20
     assert "region is 'us', expected 'eu'" in sample[0].detail
+
+
+def test_a_chunk_of_several_batches_into_mongodb(fresh_db, mongo_uri, mongo_db_name):
+    """Batches after the first are written while the next is read (write-behind): all land, counted once."""
+    rows = 2_500
+    build_pg_source(fresh_db, rows=rows)
+    text = migration_file('table = "archived_predictions"', 'collection = "predictions"').replace(
+        'partition = "deployment_id"\n', "")
+    migration = open_declared(text, fresh_db, f"{mongo_uri}/{mongo_db_name}")
+    outcomes, checks = migrate(migration, chunk_rows=10_000)
+    migration.close()
+    assert len(outcomes) == 1  # one chunk of three batches of (at most) 1,000
+    assert [c for c in checks if not c.ok] == []
+    rejected = sum(len(o.rejects) for o in outcomes)
+    assert rejected == len(BAD_SCORE_IDS) + len(MISSING_SCORE_IDS)
+    assert totals(outcomes).inserted == rows - rejected
+    with pymongo.MongoClient(mongo_uri) as client:
+        assert client[mongo_db_name]["predictions"].count_documents({}) == rows - rejected
