@@ -59,7 +59,7 @@ class DeclaredMigration(Migration):
         source_url = with_password(source_url, [expand_env(spec.source.url, "[source] url", required=False)])
         target_url = with_password(target_url, [expand_env(spec.target.url, "[target] url", required=False)])
         self.reader = open_reader(source_url, spec.source)
-        self.writer = open_writer(target_url, spec)
+        self.writer = open_writer(target_url, spec, options.get("batch_size"))
         # Reports name the target table without its schema, as the built-ins do.
         self.entity = spec.target.name.rpartition(".")[2]
         self._counts: dict[str, int] | None = None
@@ -73,7 +73,8 @@ class DeclaredMigration(Migration):
     def plan_options(cls, **flags: Any) -> dict[str, Any]:
         return {"declared": cls.spec.as_dict(),
                 "keep_deleted": bool(flags.get("keep_deleted")) or cls.spec.keep_deleted,
-                "sample": flags.get("sample") if flags.get("sample") is not None else cls.spec.validate.sample}
+                "sample": flags.get("sample") if flags.get("sample") is not None else cls.spec.validate.sample,
+                "batch_size": flags.get("batch_size")}
 
     # -- where columns land ------------------------------------------------------------------------
 

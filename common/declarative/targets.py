@@ -215,11 +215,11 @@ class PostgresWriter:
 
 
 class MongoWriter:
-    def __init__(self, url: str, spec: MigrationSpec) -> None:
-        from common.connectors.mongo import Sink
+    def __init__(self, url: str, spec: MigrationSpec, batch_size: int | None = None) -> None:
+        from common.connectors.mongo import MIN_BATCH, Sink
 
         self.spec = spec
-        self.sink = Sink(url)
+        self.sink = Sink(url, batch_size=batch_size or MIN_BATCH)
         self.collection = spec.target.collection or ""
         self.key = spec.target_key
 
@@ -377,5 +377,7 @@ def bson_value(value: Any) -> Any:
     return str(value)  # UUID, IP addresses, ranges …
 
 
-def open_writer(url: str, spec: MigrationSpec) -> PostgresWriter | MongoWriter:
-    return MongoWriter(url, spec) if spec.target.kind == "mongo" else PostgresWriter(url, spec)
+def open_writer(url: str, spec: MigrationSpec, batch_size: int | None = None) -> PostgresWriter | MongoWriter:
+    """The target's writer; `batch_size` (--batch-size) sets MongoDB's documents per bulk write (a PostgreSQL
+    chunk is one transaction, whatever its size)."""
+    return MongoWriter(url, spec, batch_size) if spec.target.kind == "mongo" else PostgresWriter(url, spec)
