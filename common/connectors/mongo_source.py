@@ -1,7 +1,8 @@
 """MongoDB source: one collection read by partition (a field such as `user_id`) and `_id` range.
 
     count      documents per partition, in one `$group` over the collection (partitions = the field's
-               non-empty string values; every other value, null or missing falls in `NO_PARTITION`)
+               non-empty string values; every other value, null or missing falls in `NO_PARTITION`);
+               without a partition field (`partition_field=None`), the whole collection is one, `WHOLE`
     cut        a partition over `chunk_rows` documents is cut at every `chunk_rows`-th `_id` of the
                partition in `_id` order, read with a projection on `_id` only: boundaries come from the
                data, so a user holding half the collection gets as many chunks as their documents need
