@@ -77,6 +77,8 @@ class Settings(BaseSettings):
                                         "that has not closed its run is started again.")
     sweeper: bool = Field(default=True, description="Workers sweep stale and lost chunks (one at a time).")
     migrations: dict[str, MigrationSettings] = Field(default_factory=dict)
+    migrations_dir: Path | None = Field(default=None, description="Folder of declared migration files (*.toml), "
+                                        "listed by `shuttle migrations` and run by their [migration] name.")
 
     check_urls = field_validator("ledger_url", "source_url", "target_url")(_one_url_form)
 

@@ -164,12 +164,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def migrations(as_json: bool) -> None:
-    """List the migrations in the catalogue."""
+@settings_options
+def migrations(settings: Settings, as_json: bool) -> None:
+    """List the migrations in the catalogue, and the migration files of SHUTTLE_MIGRATIONS_DIR."""
     if as_json:
-        click.echo(json.dumps(display.migrations_data(), indent=2))
+        click.echo(json.dumps(display.migrations_data(settings.migrations_dir), indent=2))
     else:
-        display.show_migrations(console)
+        display.show_migrations(console, settings.migrations_dir)
 
 
 @cli.command()

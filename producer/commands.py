@@ -14,7 +14,8 @@ from typing import Any, Iterator
 
 from common.errors import ConfigError, ServiceUnavailable
 from common.ledger import Ledger, RunRecord
-from common.migrations import Migration, migration_class
+from common.declarative.catalogue import declared_urls, migration_for, migration_of_options
+from common.migrations import Migration
 from common.migrations.base import Check, Selection
 from common.report import RUNNING, build_report, close_run
 from common.service_errors import reword_database_failure
@@ -40,10 +41,12 @@ def open_ledger(settings: Settings) -> Iterator[Ledger]:
 @contextmanager
 def open_migration(settings: Settings, name: str, options: dict[str, Any] | None = None,
                    source_url: str | None = None, target_url: str | None = None) -> Iterator[Migration]:
-    """The migration with the URLs from flags, config file or environment, in that order."""
-    cls = migration_class(name)
+    """The migration with the URLs from flags, its migration file, config file or environment, in that order."""
+    cls = migration_for(name, settings.migrations_dir)
+    name = cls.name  # a migration file's path names the migration its [migration] name says
     default_source, default_target = settings.urls_for(name)
-    source, target = source_url or default_source, target_url or default_target
+    file_source, file_target = declared_urls(cls)
+    source, target = source_url or file_source or default_source, target_url or file_target or default_target
     for role, url in (("source", source), ("target", target)):
         if not url:
             raise ConfigError(f"no {role} URL for migration '{name}': pass --{role}-url, set "
@@ -59,7 +62,7 @@ def open_migration(settings: Settings, name: str, options: dict[str, Any] | None
 def migration_of_run(settings: Settings, run: RunRecord) -> Iterator[Migration]:
     """The run's migration, pointed where the run recorded, with passwords from this process's settings."""
     known = settings.known_urls()
-    migration = migration_class(run.migration)(
+    migration = migration_of_options(run.migration, run.options)(
         with_password(run.source_url or "", known), with_password(run.target_url or "", known), run.options)
     try:
         yield migration
@@ -85,7 +88,7 @@ def require_run(ledger: Ledger, run_id: str) -> RunRecord:
 
 def plan(settings: Settings, name: str, selection: Selection, chunk_rows: int, **flags: Any) -> Plan:
     """The dry run: counts and chunks; writes nothing to the target or the ledger."""
-    options = migration_class(name).plan_options(**flags)
+    options = migration_for(name, settings.migrations_dir).plan_options(**flags)
     with open_migration(settings, name, options, flags.get("source_url"), flags.get("target_url")) as migration:
         check_services(migration)
         return make_plan(migration, selection, chunk_rows)
@@ -110,7 +113,7 @@ def start_run(settings: Settings, name: str, selection: Selection, chunk_rows: i
 
     Run controls are stored before the first chunk is sent, so no chunk ever runs without them; a
     source-load probe is tried once on the source first."""
-    options = migration_class(name).plan_options(**flags)
+    options = migration_for(name, settings.migrations_dir).plan_options(**flags)
     with open_ledger(settings) as ledger, \
             open_migration(settings, name, options, flags.get("source_url"), flags.get("target_url")) as migration:
         broker = Broker(settings)

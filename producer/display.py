@@ -7,6 +7,7 @@ Everything fits the console's width, 80 columns included: wide columns fold rath
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -22,16 +23,29 @@ from producer.planner import Plan
 VERDICT_STYLE = {"clean": "bold green", "failed": "bold red", "cancelled": "yellow", "running": "cyan"}
 
 
-def migrations_data() -> list[dict[str, str]]:
-    """The catalogue as `shuttle migrations --json` prints it."""
-    return [{"name": m.name, "source": m.source_kind, "target": m.target_kind, "partition_by": m.partition_label,
-             "status": m.status, "summary": m.summary} for m in all_migrations()]
+def migrations_data(migrations_dir: Path | None = None) -> list[dict[str, str]]:
+    """The catalogue as `shuttle migrations --json` prints it: the built-ins, then the files of the
+    migrations folder (a file that cannot be used is listed with its error as status and summary)."""
+    from common.declarative.catalogue import scan
+
+    listed = [{"name": m.name, "source": m.source_kind, "target": m.target_kind, "partition_by": m.partition_label,
+               "status": m.status, "summary": m.summary} for m in all_migrations()]
+    for item in scan(migrations_dir):
+        if item.spec is not None:
+            spec = item.spec
+            listed.append({"name": spec.name, "source": spec.source.kind, "target": spec.target.kind,
+                           "partition_by": spec.source.partition or "(none)", "status": "declared",
+                           "summary": spec.summary, "file": str(item.path)})
+        else:
+            listed.append({"name": item.path.name, "source": "?", "target": "?", "partition_by": "",
+                           "status": "invalid", "summary": item.error or "", "file": str(item.path)})
+    return listed
 
 
-def show_migrations(console: Console) -> None:
+def show_migrations(console: Console, migrations_dir: Path | None = None) -> None:
     """The catalogue; narrower than 120 columns, partition and status go (`--json` has them)."""
     table = Table(title="Shuttle migrations")
-    names = migrations_data()
+    names = migrations_data(migrations_dir)
     wide = console.width >= 120
     table.add_column("name", no_wrap=True, min_width=max((len(m["name"]) for m in names), default=4))
     table.add_column("source → target", no_wrap=True)

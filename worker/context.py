@@ -7,7 +7,8 @@ import socket
 from collections import OrderedDict
 
 from common.ledger import Ledger, RunRecord
-from common.migrations import Migration, migration_class
+from common.declarative.catalogue import migration_of_options
+from common.migrations import Migration
 from common.settings import Settings
 from common.urls import with_password
 from common.source_load import measure
@@ -60,7 +61,7 @@ class WorkerContext:
             self._migrations.move_to_end(run.run_id)
             return self._migrations[run.run_id]
         known = self.settings.known_urls()
-        migration = migration_class(run.migration)(
+        migration = migration_of_options(run.migration, run.options)(
             with_password(run.source_url or "", known), with_password(run.target_url or "", known), run.options)
         self._migrations[run.run_id] = migration
         while len(self._migrations) > KEEP_RUNS_OPEN:

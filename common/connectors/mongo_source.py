@@ -1,7 +1,8 @@
 """MongoDB source: one collection read by partition (a field such as `user_id`) and `_id` range.
 
     count      documents per partition, in one `$group` over the collection (partitions = the field's
-               non-empty string values; every other value, null or missing falls in `NO_PARTITION`)
+               non-empty string values; every other value, null or missing falls in `NO_PARTITION`);
+               without a partition field (`partition_field=None`), the whole collection is one, `WHOLE`
     cut        a partition over `chunk_rows` documents is cut at every `chunk_rows`-th `_id` of the
                partition in `_id` order, read with a projection on `_id` only: boundaries come from the
                data, so a user holding half the collection gets as many chunks as their documents need
@@ -33,6 +34,8 @@ from common.errors import ConfigError, ServiceUnavailable
 from common.urls import mask
 
 NO_PARTITION = "(no user_id)"
+# The one partition of a source read without a partition field (`partition_field=None`): the whole collection.
+WHOLE = "(all)"
 # The partition of documents whose field is missing, null, empty or not a string; its chunk finds them with
 # this filter (in place of `$not: {$type: "string"}`, which not every server implements).
 _NOT_A_NAME: list[dict[str, Any]] = [{"$in": [None, ""]}, {"$type": "number"}, {"$type": "bool"},
@@ -59,7 +62,7 @@ class Source(BaseSource):
 
     kind: ClassVar[str] = "mongo"
 
-    def __init__(self, url: str, collection: str, partition_field: str = "user_id", database: str | None = None,
+    def __init__(self, url: str, collection: str, partition_field: str | None = "user_id", database: str | None = None,
                  timeout_ms: int = 10_000, client: pymongo.MongoClient | None = None, role: str = "source") -> None:
         self._url = url
         self.public_url = mask(url)
@@ -104,6 +107,10 @@ class Source(BaseSource):
         Over the whole collection, then kept for `partitions`: a `$match` on `$in` costs some servers more
         than the grouping itself, and the answer is one small document per user."""
         counts: dict[str, int] = {}
+        if self.field is None:
+            with self.errors():
+                counts[WHOLE] = self.collection.count_documents({})
+            return counts if partitions is None or WHOLE in partitions else {}
         with self.errors():
             for group in self.collection.aggregate([{"$group": {"_id": f"${self.field}", "n": {"$sum": 1}}}]):
                 name = group["_id"] if isinstance(group["_id"], str) and group["_id"] else NO_PARTITION
@@ -121,7 +128,8 @@ class Source(BaseSource):
         cuts: list[str] = []
         kinds: set[type] = set()
         with self.errors():
-            cursor = self.collection.find({self.field: partition}, {"_id": 1}).sort("_id", 1).batch_size(10_000)
+            within = {} if self.field is None else {self.field: partition}
+            cursor = self.collection.find(within, {"_id": 1}).sort("_id", 1).batch_size(10_000)
             for n, doc in enumerate(cursor):
                 kinds.add(type(doc["_id"]))
                 if n and n % chunk_rows == 0:
@@ -136,7 +144,7 @@ class Source(BaseSource):
         """The filter of one chunk: its partition and `_id` range [lo, hi) ("" = unbounded)."""
         if partition == NO_PARTITION:
             return {"$or": [{self.field: cond} for cond in _NOT_A_NAME]}
-        query: dict[str, Any] = {self.field: partition}
+        query: dict[str, Any] = {} if self.field is None else {self.field: partition}
         bounds = {op: decode_id(b) for op, b in (("$gte", lo), ("$lt", hi)) if b}
         if bounds:
             query["_id"] = bounds
@@ -177,7 +185,7 @@ class Source(BaseSource):
         if size <= 0:
             return []
         stages: list[dict[str, Any]] = []
-        if partitions is not None:
+        if partitions is not None and self.field is not None:
             names = [p for p in partitions if p != NO_PARTITION]
             stages.append({"$match": {self.field: {"$in": names}}})
         stages += [{"$sample": {"size": size}}, {"$project": {"_id": 1}}]

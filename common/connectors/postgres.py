@@ -8,7 +8,7 @@ reports it as unchanged. This is the fastest idempotent path measured (DESIGN §
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -170,6 +170,19 @@ class Source(_Connected, BaseSource):
             finally:
                 _end(conn)
 
+    def stream_raw(self, statement: sql.Composable, counted: list[int]) -> Iterator[bytes]:
+        """The binary COPY data of a SELECT, undecoded, for a sink that takes it as it is (same column
+        types); the row count is appended to `counted` once the data ends."""
+        with translate_errors(f"source {self.public_url}"):
+            conn = self.connection()
+            try:
+                with conn.cursor() as cur:
+                    with cur.copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(statement)) as copy:
+                        yield from copy
+                    counted.append(cur.rowcount)
+            finally:
+                _end(conn)
+
     @contextmanager
     def writable(self) -> Iterator[psycopg.Connection]:
         """A separate read-write transaction, used only by the explicit purge command."""
@@ -219,6 +232,48 @@ class Sink(_Connected, BaseSink):
                 for statement, params in then:
                     cur.execute(statement, params)
         return counts
+
+    def upsert_copy_data(self, table: TableSpec, data: Iterable[bytes],
+                         owned: sql.Composable | None = None) -> tuple[WriteCounts, int]:
+        """`upsert`, for rows given as binary COPY data in the table's column order and types (e.g. another
+        database's `Source.stream_raw`): nothing is decoded or encoded in Python. Returns the counts and the
+        number of rows the data held."""
+        with translate_errors(f"target {self.public_url}"):
+            conn = self.connection()
+            with conn.transaction(), conn.cursor() as cur:
+                stage = self._stage_table(cur, table)
+                cols = sql.SQL(", ").join(sql.Identifier(c) for c in table.column_names)
+                with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, cols)) as copy:
+                    # The source hands one row per block: written in ~128 KB pieces, not a round of the
+                    # driver's machinery per row (measured 2x faster).
+                    pending = bytearray()
+                    for block in data:
+                        pending += block
+                        if len(pending) >= 131_072:
+                            copy.write(pending)
+                            pending = bytearray()
+                    if pending:
+                        copy.write(pending)
+                rows = cur.rowcount
+                cur.execute(sql.SQL(
+                    "WITH written AS ({})"
+                    " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"
+                ).format(_upsert_sql(table, stage, None)))
+                inserted, updated = cur.fetchone()
+                deleted = 0
+                if owned is not None:
+                    cur.execute(_delete_stale_sql(table, stage, owned))
+                    deleted = cur.rowcount
+        return WriteCounts(inserted=inserted, updated=updated, unchanged=rows - inserted - updated,
+                           deleted=deleted), rows
+
+    @staticmethod
+    def _stage_table(cur: psycopg.Cursor, table: TableSpec) -> sql.Composable:
+        """The (empty) temporary table shaped like the target that a write stages its rows in."""
+        stage = sql.Identifier(f"_shuttle_stage_{table.name.replace('.', '_')}")
+        cur.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS").format(
+            stage, identifier(table.name)))
+        return stage
 
     def execute(self, statement: sql.Composable, params: Sequence[Any] = ()) -> None:
         """One statement in its own transaction (e.g. adding a column to Shuttle's own bookkeeping table)."""

@@ -18,8 +18,8 @@ import redis
 
 from common.migrations.modmon_fixtures import build_source
 from tests.conftest import REDIS_BASE, create_db, drop_db
-from tests.faults.cases import (Case, LatestMetricsCase, ModelFilesCase, ModmonCase, MongoCase, UserdataCase,
-                               UserdataRollbackCase)
+from tests.faults.cases import (Case, DeclaredCase, LatestMetricsCase, ModelFilesCase, ModmonCase, MongoCase,
+                               UserdataCase, UserdataRollbackCase)
 from tests.harness import Env
 from tests.mongo_server import REAL_MONGO_URI, NxServer
 
@@ -150,9 +150,16 @@ def rollback_case(mongo_case: MongoCase) -> Iterator[UserdataRollbackCase]:
     case.cleanup()
 
 
+@pytest.fixture(scope="session")
+def declared_case(faults: Env, tmp_path_factory) -> Iterator[DeclaredCase]:
+    case = DeclaredCase(faults, tmp_path_factory.mktemp("fault-declared"))
+    yield case
+    case.cleanup()
+
+
 CASES = {"modmon": "modmon_case", "mlflow-latest-metrics": "latest_case", "mlflow-to-mongo": "mongo_case",
          "model-files": "model_files_case", "userdata-split": "userdata_case",
-         "userdata-rollback": "rollback_case"}
+         "userdata-rollback": "rollback_case", "declared-copy": "declared_case"}
 
 
 @pytest.fixture(scope="session", params=list(CASES))
