@@ -55,7 +55,9 @@ def show_migrations(console: Console, migrations_dir: Path | None = None) -> Non
     table.add_column("what it does", ratio=1)
     for m in names:
         extra = [m["partition_by"], m["status"]] if wide else []
-        table.add_row(m["name"], f"{m['source']} → {m['target']}", *extra, m["summary"])
+        # A file's error quotes its sections (`[source]`), which are not markup.
+        summary = escape(m["summary"] if wide or m["status"] != "invalid" else f"invalid: {m['summary']}")
+        table.add_row(escape(m["name"]), f"{m['source']} → {m['target']}", *extra, summary)
     console.print(table)
 
 

@@ -102,6 +102,9 @@ def test_shuttle_migrations_lists_the_folder_beside_the_built_ins(declared):
                 if text.startswith("score ="))
     assert by_name["broken.toml"]["summary"] == (f"{folder}/broken.toml:{line}: columns.score.cast: unknown cast "
                                                  "'double'; use one of: text, int, float, bool, timestamp, json")
+    shown = env.shuttle("migrations", SHUTTLE_MIGRATIONS_DIR=str(folder), COLUMNS="80")
+    text = " ".join(part.strip() for line in shown.stdout.splitlines() for part in line.split("│")[1:])
+    assert "predictions-compact" in text and "invalid:" in text
     bad = env.shuttle("run", str(folder / "broken.toml"))
     assert bad.returncode == 2
     assert f"broken.toml:{line}: columns.score.cast: unknown cast 'double'" in bad.stderr

@@ -170,3 +170,16 @@ def test_the_folder_lists_good_and_bad_files_and_runs_them_by_name(tmp_path):
     assert migration_for("modmon", tmp_path).name == "modmon"
     with pytest.raises(ConfigError, match="unknown migration 'nosuch'; available: .*predictions-compact"):
         migration_for("nosuch", tmp_path)
+
+
+def test_the_listing_shows_a_bad_files_error_whole_on_80_columns(tmp_path):
+    from rich.console import Console
+
+    from producer.display import show_migrations
+
+    (tmp_path / "typo.toml").write_text('[migration]\nname = "x"\n[source]\ntabel = "events"\nkey = ["id"]\n'
+                                        '[target]\ntable = "t"\n')
+    console = Console(width=80, record=True, color_system=None)
+    show_migrations(console, tmp_path)
+    cells = " ".join(part.strip() for line in console.export_text().splitlines() for part in line.split("│")[1:])
+    assert "invalid:" in cells and "unknown key 'tabel' in [source]" in " ".join(cells.split())
