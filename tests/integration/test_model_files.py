@@ -195,8 +195,10 @@ def test_the_same_chunk_twice_at_once_stores_each_file_once(tree, fresh_db):
         t.join()
     inserted = sorted(o.totals().inserted for o in outcomes)
     assert inserted == [0, spec.est_rows]
-    assert rows(fresh_db, "SELECT count(*), count(DISTINCT version), max(version) FROM models WHERE name = %s",
-                (spec.partition,)) == [(spec.est_rows, spec.est_rows, spec.est_rows)]
+    per_name = rows(fresh_db, "SELECT name, count(*), count(DISTINCT version), max(version) FROM models"
+                              " WHERE name BETWEEN %s AND %s GROUP BY name", (spec.lo, spec.hi))
+    assert len(per_name) > 1 and sum(n for _, n, _, _ in per_name) == spec.est_rows  # a chunk of several names
+    assert all(n == distinct == top for _, n, distinct, top in per_name)
 
 
 def joblib_bytes(obj) -> bytes:
@@ -266,8 +268,7 @@ def test_two_roots_versions_in_path_order_and_the_report_names_each_root(fresh_d
     migration = ModelFiles(url, fresh_db, ModelFiles.plan_options(name_pattern=pattern))
     migration.prepare_target()
     (spec,) = migration.plan_chunks(Selection(), 1000)
-    assert (spec.partition, spec.lo, spec.hi, spec.est_rows) == (
-        "churn", "churn/signup/regression.joblib", "churn/signup/vectorizer.joblib", 3)
+    assert (spec.partition, spec.lo, spec.hi, spec.est_rows) == ("churn", "churn", "churn", 3)  # names [lo, hi]
     assert migration.run_chunk(spec, lambda n: None).totals().inserted == 3
     assert [(v.version, v.model_type, v.is_active, v.source_path) for v in list_versions(fresh_db, "churn")] == [
         (1, "regression", False, str(first / "churn/signup/regression.joblib")),
