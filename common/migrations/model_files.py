@@ -292,7 +292,8 @@ class ModelFiles(Migration):
 
     def after_run(self, partitions: Sequence[str]) -> list[str]:
         """The roots the files came from (workers on several hosts read them at these shared paths)."""
-        per_root = Counter(f.root for f in self.source.files(set(partitions)))
+        ranges = Ranges(partitions)
+        per_root = Counter(f.root for f in self.source.files() if ranges.label_of(f.name) is not None)
         lines = [f"read from root {root}: {n} model file{'' if n == 1 else 's'}"
                  for root, n in ((root, per_root.get(root, 0)) for root in self.source.roots)]
         if self.source.unmatched:
