@@ -112,6 +112,7 @@ class ModelFiles(Migration):
         return {"target_schema": flags.get("target_schema") or "public",
                 "name_pattern": flags.get("name_pattern") or extra.get("name_pattern") or DEFAULT_PATTERN,
                 "recompute": bool(flags.get("recompute")),
+                "files_per_chunk": _positive_int(extra.get("files_per_chunk"), "--option files_per_chunk"),
                 "verify_bytes": str(extra.get("verify_bytes", "")).lower() in ("1", "true", "yes"), **sizes}
 
     # -- planning ----------------------------------------------------------------------------------
@@ -136,7 +137,8 @@ class ModelFiles(Migration):
 
     def _packs(self, selection: Selection) -> list[tuple[str, str, str, int]]:
         """(label, first name, last name, files) per chunk: consecutive names packed up to a share of the
-        tree (1/TARGET_CHUNKS of its files or bytes, at most PACK_MAX_*); a selection of names gets one each."""
+        tree (1/TARGET_CHUNKS of its files or bytes, at most PACK_MAX_*; `--option files_per_chunk=N` sets
+        the files instead); a selection of names gets one chunk each."""
         per_name: dict[str, list[int]] = {}
         for f in self._files(selection):
             per_name.setdefault(f.name, [0, 0])
@@ -146,7 +148,7 @@ class ModelFiles(Migration):
             return [(name, name, name, n) for name, (n, _) in sorted(per_name.items())]
         files = sum(n for n, _ in per_name.values())
         size = sum(b for _, b in per_name.values())
-        max_files = min(PACK_MAX_FILES, max(1, math.ceil(files / TARGET_CHUNKS)))
+        max_files = self.options.get("files_per_chunk") or min(PACK_MAX_FILES, max(1, math.ceil(files / TARGET_CHUNKS)))
         max_bytes = min(PACK_MAX_BYTES, max(1, math.ceil(size / TARGET_CHUNKS)))
         packs, names, n, b = [], [], 0, 0
         for name, (count, size_of) in sorted(per_name.items()):
@@ -310,6 +312,18 @@ class ModelFiles(Migration):
     def close(self) -> None:
         self.source.close()
         self.sink.close()
+
+
+def _positive_int(value: Any, flag: str) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise ConfigError(f"{flag} must be a whole number of files, at least 1, got {value!r}")
+    return number
 
 
 def pack_label(first: str, last: str) -> str:
