@@ -23,8 +23,9 @@ name); a chunk locks all its names and writes them in one transaction with one C
 `/` only as the range's separator: a name, one path segment, never holds one.
 
 What each file was when read (size, mtime, hash) is recorded beside the table (model_files_state.py):
-re-runs skip re-reading unchanged files, and verification compares hashes without re-hashing. A file is checked by its header only (REJECTS below); the one place that
-unpickles is `load_model`, for trusted tables.
+re-runs skip re-reading unchanged files, and verification compares hashes without re-hashing. A file
+is checked by its header only (REJECTS below); the one place that unpickles is `load_model`, for
+trusted tables.
 
 Versions are never deleted, so `WriteCounts.deleted` stays 0: a file removed from disk leaves its
 versions in place, because the table is the models' history, not a mirror of the directory. Training
