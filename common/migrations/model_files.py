@@ -260,7 +260,11 @@ class ModelFiles(Migration):
             label = ranges.label_of(f.name)
             if label is not None:
                 files.setdefault(label, []).append(f)
-        matched = dict(self.sink.query(state.matching_query(self.table), [[f.path for fs in files.values() for f in fs]]))
+        recorded = self.sink.query("SELECT to_regclass(%s) IS NOT NULL", [state.state_table(self.table)])[0][0]
+        # A target migrated before the records existed has none: its files count as not recorded, and a
+        # run (which stores nothing new for them) records them.
+        matched = dict(self.sink.query(state.matching_query(self.table), [[f.path for fs in files.values() for f in fs]])) \
+            if recorded else {}
         versions: Counter[str] = Counter()
         for name, n in self._stored_per_name(ranges):
             label = ranges.label_of(name)
@@ -286,7 +290,9 @@ class ModelFiles(Migration):
             elif differs:
                 detail = f"{differs} files' recorded hash or size matches no stored version of their model"
             elif missing > rej:
-                detail = f"{missing - rej} files have no stored version and were not rejected"
+                detail = f"{missing - rej} files have no stored version recorded as read from them and were not rejected"
+                if not recorded:
+                    detail += f" ({state.STATE_TABLE} is missing: a target migrated by an older Shuttle; run again)"
             else:
                 roots = Counter(f.root for f in found)
                 detail = "files from " + ", ".join(f"{root} ({n})" for root, n in sorted(roots.items()))
