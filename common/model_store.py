@@ -18,7 +18,7 @@ writer leaves no gap. The lock is per name, so different names are written in pa
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -144,23 +144,32 @@ class Version:
 
 @dataclass
 class NameWriter:
-    """Adds versions of one name inside a transaction that holds the name's lock (see `versioning`)."""
+    """Adds versions of one or more names inside a transaction that holds each name's lock (see `versioning`).
+
+    `name` is the only name (`save_model`) or None when the writer holds several (a chunk of the
+    migration packs many small names into one transaction); then every call names its own."""
 
     cur: psycopg.Cursor
     table: str
-    name: str
+    name: str | None
     limits: dict[str, int]
-    known: dict[tuple[str, str, str], int]  # (event, model_type, content hash) → version
-    next_version: int
+    known: dict[tuple[str, str, str, str], int]  # (name, event, model_type, content hash) → version
+    next_version: dict[str, int]  # name → its next version number
     counts: WriteCounts = field(default_factory=WriteCounts)
-    newest: dict[tuple[str, str], int] = field(default_factory=dict)  # (event, model_type) → version added
+    newest: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (name, event, model_type) → version added
     _stack: ExitStack = field(default_factory=ExitStack)
     _copy: psycopg.Copy | None = None
     _pending: bytearray = field(default_factory=bytearray)
 
-    def check(self, event: str, model_type: str) -> None:
+    def _name(self, name: str | None) -> str:
+        chosen = name if name is not None else self.name
+        if chosen is None or chosen not in self.next_version:
+            raise ValueError(f"this writer does not hold the lock of name {chosen!r}")
+        return chosen
+
+    def check(self, event: str, model_type: str, name: str | None = None) -> None:
         """A DataError when the name, event or type cannot be stored (too long for its column, not UTF-8)."""
-        for column, value in (("name", self.name), ("event", event), ("model_type", model_type)):
+        for column, value in (("name", self._name(name)), ("event", event), ("model_type", model_type)):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
@@ -169,29 +178,30 @@ class NameWriter:
             if limit is not None and len(value) > limit:
                 raise DataError(f"{column} {value!r} is longer than {limit} characters (the table's limit)")
 
-    def stored(self, event: str, model_type: str, content_hash: str) -> int | None:
+    def stored(self, event: str, model_type: str, content_hash: str, name: str | None = None) -> int | None:
         """The version already holding this content for this model, if any."""
-        return self.known.get((event, model_type, content_hash))
+        return self.known.get((self._name(name), event, model_type, content_hash))
 
     def add(self, event: str, model_type: str, content_hash: str, size: int, blocks: Iterable[bytes],
-            source_path: str | None) -> int:
+            source_path: str | None, name: str | None = None) -> int:
         """Store `blocks` (exactly `size` bytes hashing to `content_hash`) as the next version, or return the
         version already holding that content. Streams through binary COPY: one block in memory at a time."""
-        self.check(event, model_type)
-        existing = self.stored(event, model_type, content_hash)
+        name = self._name(name)
+        self.check(event, model_type, name)
+        existing = self.stored(event, model_type, content_hash, name)
         if existing is not None:
             self.counts.unchanged += 1
             return existing
-        version = self.next_version
+        version = self.next_version[name]
         self._open_copy()
-        self._put(struct.pack("!h", len(COPY_COLUMNS)) + _text(self.name) + struct.pack("!ii", 4, version)
+        self._put(struct.pack("!h", len(COPY_COLUMNS)) + _text(name) + struct.pack("!ii", 4, version)
                   + _text(model_type) + _text(event) + struct.pack("!i", size))
         for block in blocks:
             self._put(block)
         self._put(struct.pack("!ib", 1, 1) + _text(content_hash) + _text(source_path))
-        self.next_version += 1
-        self.known[(event, model_type, content_hash)] = version
-        self.newest[(event, model_type)] = version
+        self.next_version[name] = version + 1
+        self.known[(name, event, model_type, content_hash)] = version
+        self.newest[(name, event, model_type)] = version
         self.counts.inserted += 1
         return version
 
@@ -215,22 +225,26 @@ class NameWriter:
             self._copy.write(_COPY_SIGNATURE)
         return self._copy
 
-    def finish(self) -> int:
-        """End the COPY and make each model's newest version its only active one; returns rows deactivated."""
+    def end_copy(self) -> None:
+        """End the COPY of new versions, so the transaction can run other statements; idempotent."""
         if self._copy is not None:
             self._put(_COPY_TRAILER)
             self._copy.write(self._pending)
             self._pending = bytearray()
             self._stack.close()
             self._copy = None
+
+    def finish(self) -> int:
+        """End the COPY and make each model's newest version its only active one; returns rows deactivated."""
+        self.end_copy()
         if not self.newest:
             return 0
-        events, types, versions = zip(*((e, t, v) for (e, t), v in sorted(self.newest.items())))
+        names, events, types, versions = zip(*((n, e, t, v) for (n, e, t), v in sorted(self.newest.items())))
         self.cur.execute(sql.SQL(
-            "UPDATE {} m SET is_active = false FROM unnest(%s::text[], %s::text[], %s::int[]) n(event, model_type, v)"
-            " WHERE m.name = %s AND m.event = n.event AND m.model_type = n.model_type AND m.version < n.v"
-            " AND m.is_active IS NOT false").format(identifier(self.table)),
-            (list(events), list(types), list(versions), self.name))
+            "UPDATE {} m SET is_active = false FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[])"
+            " n(name, event, model_type, v) WHERE m.name = n.name AND m.event = n.event"
+            " AND m.model_type = n.model_type AND m.version < n.v AND m.is_active IS NOT false"
+        ).format(identifier(self.table)), (list(names), list(events), list(types), list(versions)))
         return self.cur.rowcount
 
     def abort(self, exc: BaseException) -> None:
@@ -240,23 +254,29 @@ class NameWriter:
 
 
 @contextmanager
-def versioning(conn: psycopg.Connection, name: str, table: str = DEFAULT_TABLE,
+def versioning(conn: psycopg.Connection, names: str | Sequence[str], table: str = DEFAULT_TABLE,
                limits: dict[str, int] | None = None) -> Iterator[NameWriter]:
-    """A transaction holding `name`'s lock, with what is stored for it; commits when the block ends."""
+    """A transaction holding the lock of `names` (one name, or several), with what is stored for them;
+    commits when the block ends.
+
+    Several names are locked in sorted order, so two writers of overlapping sets cannot deadlock."""
     target = identifier(table)
+    wanted = sorted({names} if isinstance(names, str) else set(names))
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"shuttle-models:{table}:{name}",))
+        cur.execute("SELECT count(pg_advisory_xact_lock(hashtextextended(%s || n, 0))) FROM unnest(%s::text[]) n",
+                    (f"shuttle-models:{table}:", wanted))
         # Versions another writer stored without a hash (code predating the column) get one first.
-        cur.execute(sql.SQL("UPDATE {} SET content_hash = " + HASH_SQL + " WHERE name = %s AND content_hash IS NULL")
-                    .format(target), (name,))
-        cur.execute(sql.SQL("SELECT event, model_type, content_hash, version FROM {} WHERE name = %s").format(target),
-                    (name,))
-        known: dict[tuple[str, str, str], int] = {}
-        top = 0
-        for event, model_type, content_hash, version in cur.fetchall():
-            known.setdefault((event, model_type, content_hash), version)
-            top = max(top, version)
-        writer = NameWriter(cur, table, name, limits or {}, known, top + 1)
+        cur.execute(sql.SQL("UPDATE {} SET content_hash = " + HASH_SQL + " WHERE name = ANY(%s) AND content_hash IS NULL")
+                    .format(target), (wanted,))
+        cur.execute(sql.SQL("SELECT name, event, model_type, content_hash, version FROM {} WHERE name = ANY(%s)")
+                    .format(target), (wanted,))
+        known: dict[tuple[str, str, str, str], int] = {}
+        top = dict.fromkeys(wanted, 0)
+        for name, event, model_type, content_hash, version in cur.fetchall():
+            known.setdefault((name, event, model_type, content_hash), version)
+            top[name] = max(top[name], version)
+        writer = NameWriter(cur, table, names if isinstance(names, str) else None, limits or {}, known,
+                            {name: v + 1 for name, v in top.items()})
         try:
             yield writer
         except BaseException as exc:

@@ -141,6 +141,7 @@ class Content:
     sha256: str
     kind: str
     data: bytes | bytearray | None  # None: larger than the buffer; `blocks()` streams it again
+    mtime_ns: int = 0  # as stat said before the read
 
     def blocks(self) -> Iterator[bytes | bytearray]:
         """The bytes again, in blocks; a file that changed since it was hashed is a TransientError."""
@@ -226,8 +227,9 @@ class Source(BaseSource):
                 size = 0
             yield ModelFile(root, relpath, *fields, size)
 
-    def read(self, file: ModelFile, max_bytes: int, buffer_bytes: int) -> Content:
-        """Check and hash one file; a file that cannot be migrated is a DataError naming the reason."""
+    def check(self, file: ModelFile, max_bytes: int) -> tuple[str, os.stat_result]:
+        """The file's real path and status, without opening it; a DataError names why it cannot be migrated
+        (out of the roots, not a regular file, unreadable, empty, too large)."""
         real = os.path.realpath(file.path)
         if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in self.roots):
             raise DataError(f"symlink out of the roots: resolves to {real}")
@@ -241,6 +243,15 @@ class Source(BaseSource):
             raise DataError("empty file")
         if info.st_size > max_bytes:
             raise DataError(f"{info.st_size:,} bytes, over the limit of {max_bytes:,} (--max-file-mb)")
+        return real, info
+
+    def read(self, file: ModelFile, max_bytes: int, buffer_bytes: int,
+             checked: tuple[str, os.stat_result] | None = None) -> Content:
+        """Check and hash one file; a file that cannot be migrated is a DataError naming the reason.
+
+        `checked` is `check(file)`'s answer when the caller has it already. Its modification time, taken
+        before the first byte is read, is the one recorded: a file changed while read looks changed next time."""
+        real, info = checked or self.check(file, max_bytes)
         digest = hashlib.sha256()
         # A file that fits the buffer is read straight into one buffer of its size (no second copy).
         buffer = bytearray(info.st_size) if info.st_size <= buffer_bytes else None
@@ -270,7 +281,7 @@ class Source(BaseSource):
         except OSError as exc:
             raise DataError(f"unreadable: {exc.strerror or exc}") from None
         data = buffer
-        return Content(file, real, size, digest.hexdigest(), kind, data)
+        return Content(file, real, size, digest.hexdigest(), kind, data, info.st_mtime_ns)
 
     def close(self) -> None:
         """Nothing stays open between reads."""

@@ -257,7 +257,8 @@ class LatestMetricsCase(PostgresTargetCase):
 
 class ModelFilesCase(PostgresTargetCase):
     """A generated tree of joblib files (two of them bad on purpose) as source; each target is a schema
-    with its own `models` table. A chunk is one model name, so `--chunk-rows` changes nothing here."""
+    with its own `models` table. Chunks pack whole model names; `--chunk-rows` changes nothing here, the
+    pack size is `--option files_per_chunk`."""
 
     migration = "model-files"
     hold_before_start = False  # preparing the `models` table takes a lock the hold would block
@@ -265,13 +266,14 @@ class ModelFilesCase(PostgresTargetCase):
     small_chunk_rows = 1000
     target_tables = ("models",)
     BAD = {"zz_bad__e__corrupt.joblib": b"<html>not a model</html>", "zz_bad__e__empty.pkl": b""}
+    FILES_PER_CHUNK = 4
 
     def __init__(self, env: Env, root: Path) -> None:
         super().__init__(env)
         self.target_database = database_of(env.source_url)
         self.pg_databases = (self.target_database,)
-        # 150 names → 151 chunks: enough that a cancel lands while most of the run is still queued, the
-        # chunk size being one name whatever --chunk-rows says.
+        # 150 names of 2 files, packed 2 names a chunk (FILES_PER_CHUNK) → 76 chunks: enough that a cancel
+        # lands while most of the run is still queued, each chunk writing several names in one transaction.
         self.tree = build_tree(root, names=150, events=("signup",), model_types=("classifier_binary", "regression"))
         for name, data in self.BAD.items():
             (root / name).write_bytes(data)
@@ -280,7 +282,7 @@ class ModelFilesCase(PostgresTargetCase):
     def target_args(self, name: str) -> tuple[str, ...]:
         self.schemas.append(name)
         return ("--source-url", f"file://{self.tree.root}", "--target-url", self.env.source_url,
-                "--target-schema", name)
+                "--target-schema", name, "--option", f"files_per_chunk={self.FILES_PER_CHUNK}")
 
     def checksum(self, name: str) -> str:
         """Everything but the id and created_at, which a database assigns on every insert."""

@@ -195,8 +195,10 @@ def test_the_same_chunk_twice_at_once_stores_each_file_once(tree, fresh_db):
         t.join()
     inserted = sorted(o.totals().inserted for o in outcomes)
     assert inserted == [0, spec.est_rows]
-    assert rows(fresh_db, "SELECT count(*), count(DISTINCT version), max(version) FROM models WHERE name = %s",
-                (spec.partition,)) == [(spec.est_rows, spec.est_rows, spec.est_rows)]
+    per_name = rows(fresh_db, "SELECT name, count(*), count(DISTINCT version), max(version) FROM models"
+                              " WHERE name BETWEEN %s AND %s GROUP BY name", (spec.lo, spec.hi))
+    assert len(per_name) > 1 and sum(n for _, n, _, _ in per_name) == spec.est_rows  # a chunk of several names
+    assert all(n == distinct == top for _, n, distinct, top in per_name)
 
 
 def joblib_bytes(obj) -> bytes:
@@ -266,8 +268,7 @@ def test_two_roots_versions_in_path_order_and_the_report_names_each_root(fresh_d
     migration = ModelFiles(url, fresh_db, ModelFiles.plan_options(name_pattern=pattern))
     migration.prepare_target()
     (spec,) = migration.plan_chunks(Selection(), 1000)
-    assert (spec.partition, spec.lo, spec.hi, spec.est_rows) == (
-        "churn", "churn/signup/regression.joblib", "churn/signup/vectorizer.joblib", 3)
+    assert (spec.partition, spec.lo, spec.hi, spec.est_rows) == ("churn", "churn", "churn", 3)  # names [lo, hi]
     assert migration.run_chunk(spec, lambda n: None).totals().inserted == 3
     assert [(v.version, v.model_type, v.is_active, v.source_path) for v in list_versions(fresh_db, "churn")] == [
         (1, "regression", False, str(first / "churn/signup/regression.joblib")),
@@ -279,3 +280,70 @@ def test_two_roots_versions_in_path_order_and_the_report_names_each_root(fresh_d
     assert migration.after_run(["churn"]) == [f"read from root {first}: 2 model files",
                                               f"read from root {second}: 1 model file"]
     assert migration.run_chunk(spec, lambda n: None).totals().unchanged == 3  # and again: nothing new
+
+
+def counting_reads(migration: ModelFiles) -> list[str]:
+    """Paths the migration reads from now on (each read hashes the whole file)."""
+    read, original = [], migration.source.read
+
+    def read_and_note(file, *args, **kwargs):
+        read.append(file.path)
+        return original(file, *args, **kwargs)
+
+    migration.source.read = read_and_note
+    return read
+
+
+def rerun(root: Path, url: str, **flags) -> tuple[ModelFiles, list, list[str]]:
+    migration = ModelFiles(f"file://{root}", url, ModelFiles.plan_options(**flags))
+    read = counting_reads(migration)
+    outcomes = [migration.run_chunk(spec, lambda n: None) for spec in migration.plan_chunks(Selection(), 1000)]
+    return migration, outcomes, read
+
+
+def test_rerun_reads_only_files_whose_size_or_mtime_changed_and_the_hash_decides(tree, fresh_db):
+    root, objects = tree
+    migrate(root, fresh_db)
+    _, outcomes, read = rerun(root, fresh_db)
+    assert read == [] and totals(outcomes)["unchanged"] == len(objects)
+    touched = sorted(objects)[3]
+    os.utime(touched, ns=(1, 1))  # same bytes, another mtime: read again, and its hash says unchanged
+    _, outcomes, read = rerun(root, fresh_db)
+    assert read == [touched] and totals(outcomes)["inserted"] == 0
+    _, outcomes, read = rerun(root, fresh_db)
+    assert read == []  # its new mtime was recorded
+    _, outcomes, read = rerun(root, fresh_db, recompute=True)
+    assert sorted(read) == sorted(objects) and totals(outcomes)["inserted"] == 0
+
+
+def test_packed_chunks_cover_every_name_once_and_a_selection_gets_one_chunk_per_name(tree, fresh_db):
+    root, objects = tree
+    migration = ModelFiles(f"file://{root}", fresh_db, ModelFiles.plan_options())
+    specs = list(migration.plan_chunks(Selection(), 1000))
+    names = sorted({Path(p).name.split("__")[0] for p in objects})
+    assert 1 < len(specs) < len(names)
+    covered = [n for s in specs for n in names if s.lo <= n <= s.hi]
+    assert covered == names and sum(s.est_rows for s in specs) == len(objects)
+    assert [(p.partition, p.rows) for p in migration.count_partitions(Selection())] == \
+        [(s.partition, s.est_rows) for s in specs]
+    chosen = Selection(model_names=tuple(names[:3]))
+    assert [(s.partition, s.lo, s.hi) for s in migration.plan_chunks(chosen, 1000)] == [(n, n, n) for n in names[:3]]
+
+
+def test_verify_compares_recorded_hashes_and_on_request_every_binary(tree, fresh_db):
+    root, objects = tree
+    migration, _ = migrate(root, fresh_db)
+    labels = [s.partition for s in migration.plan_chunks(Selection(), 1000)]
+    assert all(c.ok for c in migration.verify(Selection(), labels, {}))
+    victim = sorted(objects)[0]
+    with psycopg.connect(fresh_db) as conn:  # the same length, other bytes: only re-hashing sees it
+        conn.execute("UPDATE models SET model_binary = overlay(model_binary PLACING '\\x00'::bytea FROM 40)"
+                     " WHERE source_path = %s", (victim,))
+    assert all(c.ok for c in migration.verify(Selection(), labels, {}))
+    deep = ModelFiles(f"file://{root}", fresh_db, ModelFiles.plan_options(options={"verify_bytes": "true"}))
+    bad = [c for c in deep.verify(Selection(), labels, {}) if not c.ok]
+    assert len(bad) == 1 and "do not hash to their content_hash" in bad[0].detail
+    with psycopg.connect(fresh_db) as conn:  # a stored hash that is not the one read
+        conn.execute("UPDATE models SET content_hash = 'x' WHERE source_path = %s", (victim,))
+    bad = [c for c in migration.verify(Selection(), labels, {}) if not c.ok]
+    assert len(bad) == 1 and "matches no stored version" in bad[0].detail

@@ -133,3 +133,18 @@ def test_size_options_must_be_positive_numbers():
     for flags in ({"options": {"max_file_mb": "lots"}}, {"options": {"buffer_mb": "0"}}):
         with pytest.raises(ConfigError, match="positive number of MB"):
             ModelFiles.plan_options(**flags)
+
+
+def test_partition_labels_are_name_ranges_a_name_falls_in_at_most_one():
+    from common.migrations.model_files import Ranges, pack_label
+
+    labels = [pack_label("alpha", "beta"), pack_label("churn", "churn"), pack_label("ltv", "zeta")]
+    assert labels == ["alpha/beta", "churn", "ltv/zeta"]
+    ranges = Ranges(labels)
+    assert (ranges.lowest, ranges.highest) == ("alpha", "zeta")
+    found = {name: ranges.label_of(name) for name in ("alpha", "alphabet", "beta", "betamax", "churn", "churn2",
+                                                       "a", "ltv", "x", "zeta", "zz")}
+    assert found == {"alpha": "alpha/beta", "alphabet": "alpha/beta", "beta": "alpha/beta", "betamax": None,
+                     "churn": "churn", "churn2": None, "a": None, "ltv": "ltv/zeta", "x": "ltv/zeta",
+                     "zeta": "ltv/zeta", "zz": None}
+    assert not Ranges([])
