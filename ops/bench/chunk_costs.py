@@ -307,6 +307,7 @@ def broker_costs(settings: Settings, ledger_url: str, messages: int, dispatch_ta
         conn.execute(chunks.update().where(chunks.c.run_id == run_id).values(state="done"))
         conn.execute(runs.update().where(runs.c.run_id == run_id).values(finalize_enqueued=True))
     dispatch: dict[int, dict[str, float]] = {}
+    log_dir.mkdir(parents=True, exist_ok=True)
     worker_settings = settings.model_copy(update={"ledger_url": ledger_url})
     for workers in dispatch_workers:
         client.flushdb()
