@@ -26,6 +26,7 @@ import os
 import re
 import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -35,6 +36,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import psycopg  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 from bench_modmon import (DEFAULT_BROKER, DEFAULT_DB, DEFAULT_LEDGER, ROOT, compare_with_reference,  # noqa: E402
                           engine_version, exclusive, flush_broker, prepare_source, reset_ledger, shuttle_run,
@@ -233,9 +235,67 @@ def costs(args: argparse.Namespace, settings: Settings) -> None:
     ledger = ledger_costs(scratch, args.ledger_chunks, settings, [1, 2, 4, 8], args.cycle_seconds)
     log("broker messages and no-op tasks")
     broker = broker_costs(settings, scratch, args.messages, args.dispatch_tasks, [1, 2], args.log_dir / "dispatch")
+    log("a real run with 2 workers: Redis commands and CPU per chunk")
+    broker["real_run"] = real_run_traffic(args, settings)
     body = costs_section(args, phases, ledger, broker, (load_before, f"{os.getloadavg()[0]:.2f}"))
     print("\n" + "\n".join(body) + "\n")
     write_section(args.results, body, {"phases": phases, "ledger": ledger, "broker": broker}, COSTS_SECTION)
+
+
+def real_run_traffic(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Redis commands and CPU per chunk of a real fresh run (progress, results, events, heartbeats' absence)."""
+    import redis
+    from chunk_costs import redis_calls, redis_cpu
+
+    reset_ledger(args.ledger_url)
+    ledger = Ledger(args.ledger_url)
+    client = redis.Redis.from_url(settings.broker_url)
+    sampler = ConnectionSampler(args.url, client, [args.url.rsplit("/", 1)[1], args.ledger_url.rsplit("/", 1)[1]])
+    try:
+        calls0, cpu0 = redis_calls(client), redis_cpu(client)
+        with sampler:
+            res = shuttle_run(settings, ledger, 2, args.chunk_rows, True, args.log_dir / "traffic", "traffic",
+                              max(900.0, args.rows / 500))
+        calls, cpu = redis_calls(client) - calls0, redis_cpu(client) - cpu0
+    finally:
+        client.close()
+        ledger.dispose()
+    log(f"  real run: {res['chunks']} chunks in {res['seconds']:.1f}s; Redis {calls / res['chunks']:.0f} commands and "
+        f"{cpu / res['chunks'] * 1e3:.1f} ms of CPU per chunk (whole server, worker start-up polls included); "
+        f"most connections at once: PostgreSQL {sampler.most_pg}, Redis {sampler.most_redis}")
+    return {"chunks": res["chunks"], "seconds": res["seconds"], "calls_per_chunk": calls / res["chunks"],
+            "cpu_ms_per_chunk": cpu / res["chunks"] * 1e3, "pg_connections": sampler.most_pg,
+            "redis_connections": sampler.most_redis}
+
+
+class ConnectionSampler:
+    """The most connections a run held at once: PostgreSQL by application name, Redis on the broker's DB."""
+
+    def __init__(self, url: str, client: Any, databases: list[str]) -> None:
+        self.url, self.client, self.databases = url, client, databases
+        self.most_pg: dict[str, int] = {}
+        self.most_redis = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> ConnectionSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _sample(self) -> None:
+        db_number = self.client.connection_pool.connection_kwargs.get("db", 0)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self._stop.wait(0.2):
+                rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity WHERE datname = ANY(%s)"
+                                    " AND pid <> pg_backend_pid() GROUP BY 1", (self.databases,)).fetchall()
+                for name, n in rows:
+                    self.most_pg[name or "?"] = max(self.most_pg.get(name or "?", 0), n)
+                clients = self.client.client_list()
+                self.most_redis = max(self.most_redis, sum(1 for c in clients if int(c.get("db", -1)) == db_number) - 1)
 
 
 def costs_section(args: argparse.Namespace, phases: dict[str, Any], ledger: dict[str, Any], broker: dict[str, Any],
@@ -248,11 +308,13 @@ def costs_section(args: argparse.Namespace, phases: dict[str, Any], ledger: dict
             f"shared with other work (load average {load[0]} before, {load[1]} after). Read by ops/SCALING.md.", "",
             f"### Phases of a chunk (in one process, {phases['rows']:,} source rows, {phases['chunks']} chunks of "
             f"≤{args.chunk_rows:,} rows, {phases['partitions']} deployments)", "",
-            "| pass | rows/s | wall s | own CPU s | " + " | ".join(PHASE_NAMES) + " | rest |",
-            "|---|---:|---:|---:|" + "---:|" * (len(PHASE_NAMES) + 1)]
+            "| pass | rows/s | wall s | own CPU s | its PostgreSQL backends' CPU s | "
+            + " | ".join(f"{name} s" for name in PHASE_NAMES) + " | rest s |",
+            "|---|---:|---:|---:|---:|" + "---:|" * (len(PHASE_NAMES) + 1)]
     for label, p in phases["passes"].items():
         rest = p["wall_s"] - sum(p["phases"].values())
         body.append(f"| {label} | {p['rows'] / p['wall_s']:,.0f} | {p['wall_s']:.2f} | {p['cpu_s']:.2f} | "
+                    f"{p['db_cpu_s']:.2f} | "
                     + " | ".join(f"{p['phases'][k]:.2f}" for k in PHASE_NAMES) + f" | {rest:.2f} |")
     fresh = phases["passes"]["fresh"]
     per_chunk = {k: v / phases["chunks"] * 1e3 for k, v in fresh["phases"].items()}
@@ -280,12 +342,22 @@ def costs_section(args: argparse.Namespace, phases: dict[str, Any], ledger: dict
     body += ["", "### Broker (Redis, Celery as the engine configures it)", "",
              f"- Sending {broker['messages']:,} chunk messages (one `send_task` each, as `start_run` does): "
              f"{broker['send_s']:.2f}s, {broker['messages'] / broker['send_s']:,.0f} messages/s; "
-             f"{broker['message_bytes']:,.0f} bytes of Redis memory per waiting message."]
+             f"{broker['message_bytes']:,.0f} bytes of Redis memory per waiting message; "
+             f"{broker['send_redis_calls']:.1f} Redis commands and {broker['send_redis_cpu_us']:.0f} µs of Redis CPU "
+             "per message (the whole server's counters: other sessions' commands included)."]
     for workers, d in broker["dispatch"].items():
         body.append(f"- {args.dispatch_tasks:,} tasks whose chunk is already done (delivery, a claim that skips, a "
                     f"finalize check, the result stored) through {workers} real worker process(es): {d['seconds']:.1f}s, "
                     f"{d['tasks_per_s']:,.0f} tasks/s; {d['result_bytes_per_task']:,.0f} bytes of Redis per kept "
-                    f"result (kept 7 days).")
+                    f"result (kept 7 days); {d['redis_calls_per_task']:.0f} Redis commands and "
+                    f"{d['redis_cpu_us_per_task']:.0f} µs of Redis CPU per task (whole server).")
+    real = broker["real_run"]
+    body.append(f"- A real fresh run, 2 workers ({real['chunks']} chunks, {real['seconds']:.1f}s, worker start-up "
+                f"and shutdown included): {real['calls_per_chunk']:.0f} Redis commands and "
+                f"{real['cpu_ms_per_chunk']:.1f} ms of Redis CPU per chunk (whole server). Most connections held at "
+                f"once by the 2 workers and the producer: PostgreSQL "
+                + ", ".join(f"{k} {v}" for k, v in sorted(real["pg_connections"].items()))
+                + f"; Redis {real['redis_connections']} (on the broker's DB, this sampler's own excluded).")
     return body
 
 

@@ -17,6 +17,7 @@ Three groups, each measured where it happens, with no timing added to the engine
 from __future__ import annotations
 
 import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -100,6 +101,16 @@ class PhaseTimer:
              modmon.Modmon._fingerprint, modmon.Modmon._unchanged_outcome) = saved
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far (PostgreSQL backends of this process)."""
+    total = 0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def phase_costs(url: str, chunk_rows: int, truncate: Callable[[str], None]) -> dict[str, Any]:
     """Plan, then every chunk fresh and again as a re-run, in this process; then the coordinator's side."""
     migration = modmon.Modmon(url, url, modmon.Modmon.plan_options(reenable_drift_tracking=True))
@@ -110,9 +121,11 @@ def phase_costs(url: str, chunk_rows: int, truncate: Callable[[str], None]) -> d
         plan = make_plan(migration, Selection(), chunk_rows)
         plan_s = time.perf_counter() - started
         passes: dict[str, Any] = {}
+        backends = sorted({c.connection().info.backend_pid for c in (migration.source, migration.sink)})
         for label in ("fresh", "rerun"):
             timer = PhaseTimer()
             wall, cpu, rows = 0.0, 0.0, 0
+            db_before = cpu_seconds(backends)
             with timer.installed():
                 for spec in plan.chunks:
                     w0, c0 = time.perf_counter(), time.process_time()
@@ -120,9 +133,11 @@ def phase_costs(url: str, chunk_rows: int, truncate: Callable[[str], None]) -> d
                     wall += time.perf_counter() - w0
                     cpu += time.process_time() - c0
                     rows += outcome.rows_read
-            passes[label] = {"wall_s": wall, "cpu_s": cpu, "rows": rows, "phases": dict(timer.seconds)}
+            db_cpu = cpu_seconds(backends) - db_before
+            passes[label] = {"wall_s": wall, "cpu_s": cpu, "db_cpu_s": db_cpu, "rows": rows,
+                             "phases": dict(timer.seconds)}
             log(f"  phases {label}: {rows:,} rows in {wall:.1f}s ({rows / wall:,.0f} rows/s), this process's CPU "
-                f"{cpu:.1f}s; " + ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items()))
+                f"{cpu:.1f}s, its PostgreSQL backends' CPU {db_cpu:.1f}s; " + ", ".join(f"{k} {v:.2f}s" for k, v in timer.seconds.items()))
         partitions = [p.partition for p in plan.partitions]
         started = time.perf_counter()
         migration.target_counts(partitions)
@@ -292,15 +307,17 @@ def broker_costs(settings: Settings, ledger_url: str, messages: int, dispatch_ta
     new_run(ledger, run_id, specs, settings.queue)
     records = ledger.chunks_of(run_id)
     broker = Broker(settings)
-    before = int(client.info("memory")["used_memory"])
+    before, cpu0, calls0 = int(client.info("memory")["used_memory"]), redis_cpu(client), redis_calls(client)
     started = time.perf_counter()
     broker.enqueue_chunks(run_id, records[:messages])
     send_s = time.perf_counter() - started
     queued_bytes = int(client.info("memory")["used_memory"]) - before
+    send_cpu, send_calls = redis_cpu(client) - cpu0, redis_calls(client) - calls0
     depth = broker.queue_depth()
     client.flushdb()
     log(f"  broker: {messages:,} messages sent in {send_s:.2f}s ({messages / send_s:,.0f}/s), "
-        f"{queued_bytes / messages:,.0f} B each in Redis (queue depth {depth})")
+        f"{queued_bytes / messages:,.0f} B each in Redis (queue depth {depth}); Redis {send_calls / messages:.1f} "
+        f"commands and {send_cpu / messages * 1e6:.0f} µs of CPU per message (whole server)")
     # Every chunk done: a task is pure overhead (delivery, claim that skips, finalize check, result).
     with ledger.transaction() as conn:
         from common.ledger_schema import chunks, runs
@@ -313,7 +330,7 @@ def broker_costs(settings: Settings, ledger_url: str, messages: int, dispatch_ta
         client.flushdb()
         batch = records[:dispatch_tasks]
         with LocalWorkers(worker_settings, workers, name=f"costs{workers}", log_dir=log_dir):
-            before = int(client.info("memory")["used_memory"])
+            before, cpu0, calls0 = int(client.info("memory")["used_memory"]), redis_cpu(client), redis_calls(client)
             started = time.perf_counter()
             broker.enqueue_chunks(run_id, batch)
             keys = [f"celery-task-meta-{c.chunk_id}" for c in batch]
@@ -324,13 +341,29 @@ def broker_costs(settings: Settings, ledger_url: str, messages: int, dispatch_ta
                 time.sleep(0.05)
             took = time.perf_counter() - started
             result_bytes = int(client.info("memory")["used_memory"]) - before
+            cpu, calls = redis_cpu(client) - cpu0, redis_calls(client) - calls0
         dispatch[workers] = {"seconds": took, "tasks_per_s": len(batch) / took,
-                             "result_bytes_per_task": result_bytes / len(batch)}
+                             "result_bytes_per_task": result_bytes / len(batch),
+                             "redis_cpu_us_per_task": cpu / len(batch) * 1e6, "redis_calls_per_task": calls / len(batch)}
         log(f"  dispatch, {workers} worker(s): {len(batch):,} no-op tasks in {took:.1f}s "
-            f"({len(batch) / took:,.0f}/s); results {result_bytes / len(batch):,.0f} B each in Redis")
+            f"({len(batch) / took:,.0f}/s); results {result_bytes / len(batch):,.0f} B each in Redis; Redis "
+            f"{calls / len(batch):.0f} commands and {cpu / len(batch) * 1e6:.0f} µs of CPU per task (whole server)")
     client.flushdb()
     client.close()
     broker.close()
     ledger.dispose()
     drop_database(ledger_url)
-    return {"messages": messages, "send_s": send_s, "message_bytes": queued_bytes / messages, "dispatch": dispatch}
+    return {"messages": messages, "send_s": send_s, "message_bytes": queued_bytes / messages,
+            "send_redis_cpu_us": send_cpu / messages * 1e6, "send_redis_calls": send_calls / messages,
+            "dispatch": dispatch}
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    """CPU seconds the Redis server has used (all its clients: on a shared server, an upper bound for ours)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def redis_calls(client: redis.Redis) -> int:
+    """Commands the Redis server has executed (all clients)."""
+    return sum(int(v["calls"]) for v in client.info("commandstats").values())
