@@ -228,18 +228,29 @@ def costs(args: argparse.Namespace, settings: Settings) -> None:
 
     prepare_source(args.url, args.rows, args.reuse_source)
     load_before = f"{os.getloadavg()[0]:.2f}"
-    log("phases of every chunk, in this process")
-    phases = phase_costs(args.url, args.chunk_rows, truncate_targets)
     scratch = args.ledger_url.rsplit("/", 1)[0] + "/shuttle_bench_costs_ledger"
-    log(f"ledger transactions, synthetic runs of {', '.join(f'{n:,}' for n in args.ledger_chunks)} chunks")
-    ledger = ledger_costs(scratch, args.ledger_chunks, settings, [1, 2, 4, 8], args.cycle_seconds)
-    log("broker messages and no-op tasks")
-    broker = broker_costs(settings, scratch, args.messages, args.dispatch_tasks, [1, 2], args.log_dir / "dispatch")
-    log("a real run with 2 workers: Redis commands and CPU per chunk")
-    broker["real_run"] = real_run_traffic(args, settings)
-    body = costs_section(args, phases, ledger, broker, (load_before, f"{os.getloadavg()[0]:.2f}"))
+    parts = {
+        "phases": ("phases of every chunk, in this process", lambda: phase_costs(args.url, args.chunk_rows,
+                                                                                  truncate_targets)),
+        "ledger": (f"ledger transactions, synthetic runs of {', '.join(f'{n:,}' for n in args.ledger_chunks)} chunks",
+                   lambda: ledger_costs(scratch, args.ledger_chunks, settings, [1, 2, 4, 8], args.cycle_seconds)),
+        "broker": ("broker messages and no-op tasks",
+                   lambda: broker_costs(settings, scratch, args.messages, args.dispatch_tasks, [1, 2],
+                                        args.log_dir / "dispatch")),
+        "real_run": ("a real run with 2 workers: Redis commands and CPU per chunk, connections",
+                     lambda: real_run_traffic(args, settings)),
+    }
+    measured: dict[str, Any] = {}
+    for name, (what, measure) in parts.items():
+        log(what)
+        try:  # one part failing must not lose the others' figures
+            measured[name] = measure()
+        except Exception as exc:  # noqa: BLE001 - recorded in the section as not measured
+            log(f"  {name} NOT measured: {type(exc).__name__}: {exc}")
+            measured[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    body = costs_section(args, measured, (load_before, f"{os.getloadavg()[0]:.2f}"))
     print("\n" + "\n".join(body) + "\n")
-    write_section(args.results, body, {"phases": phases, "ledger": ledger, "broker": broker}, COSTS_SECTION)
+    write_section(args.results, body, measured, COSTS_SECTION)
 
 
 def real_run_traffic(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
@@ -298,19 +309,42 @@ class ConnectionSampler:
                 self.most_redis = max(self.most_redis, sum(1 for c in clients if int(c.get("db", -1)) == db_number) - 1)
 
 
-def costs_section(args: argparse.Namespace, phases: dict[str, Any], ledger: dict[str, Any], broker: dict[str, Any],
-                  load: tuple[str, str]) -> list[str]:
+def costs_section(args: argparse.Namespace, measured: dict[str, Any], load: tuple[str, str]) -> list[str]:
     info = machine()
+    phases, ledger, broker, real = (measured[k] for k in ("phases", "ledger", "broker", "real_run"))
     body = [f"## Per-chunk costs: `modmon` ({args.started:%Y-%m-%d %H:%M} UTC)", "",
             f"Command: `flock /tmp/shuttle-bench.lock .venv/bin/python ops/bench/bench_scaling.py "
             f"{' '.join(sys.argv[1:])}` (engine at commit {engine_version()})", "",
             f"Machine: {os.cpu_count()} cores ({info['cpu']}), {info['postgres']}; everything on this one machine, "
-            f"shared with other work (load average {load[0]} before, {load[1]} after). Read by ops/SCALING.md.", "",
+            f"shared with other work (load average {load[0]} before, {load[1]} after). Read by ops/SCALING.md.", ""]
+    failed = [f"{k}: {v['error']}" for k, v in measured.items() if "error" in v]
+    if failed:
+        body += ["Not measured in this run: " + "; ".join(failed), ""]
+    if "error" not in phases:
+        body += [
             f"### Phases of a chunk (in one process, {phases['rows']:,} source rows, {phases['chunks']} chunks of "
             f"≤{args.chunk_rows:,} rows, {phases['partitions']} deployments)", "",
             "| pass | rows/s | wall s | own CPU s | its PostgreSQL backends' CPU s | "
             + " | ".join(f"{name} s" for name in PHASE_NAMES) + " | rest s |",
             "|---|---:|---:|---:|---:|" + "---:|" * (len(PHASE_NAMES) + 1)]
+        body += phase_rows(phases, args.chunk_rows)
+    if "error" not in ledger:
+        body += ledger_rows(ledger)
+    if "error" not in broker:
+        body += broker_rows(broker, args.dispatch_tasks)
+    if "error" not in real:
+        body.append(
+            f"- A real fresh run, 2 workers ({real['chunks']} chunks, {real['seconds']:.1f}s, worker start-up "
+            f"and shutdown included): {real['calls_per_chunk']:.0f} Redis commands and "
+            f"{real['cpu_ms_per_chunk']:.1f} ms of Redis CPU per chunk (whole server). Most connections held at "
+            f"once by the 2 workers and the producer: PostgreSQL "
+            + ", ".join(f"{k} {v}" for k, v in sorted(real["pg_connections"].items()))
+            + f"; Redis {real['redis_connections']} (on the broker's DB, this sampler's own excluded).")
+    return body
+
+
+def phase_rows(phases: dict[str, Any], chunk_rows: int) -> list[str]:
+    body = []
     for label, p in phases["passes"].items():
         rest = p["wall_s"] - sum(p["phases"].values())
         body.append(f"| {label} | {p['rows'] / p['wall_s']:,.0f} | {p['wall_s']:.2f} | {p['cpu_s']:.2f} | "
@@ -323,8 +357,12 @@ def costs_section(args: argparse.Namespace, phases: dict[str, Any], ledger: dict
                                                        for k, v in fresh["phases"].items()) + ".",
              f"Planning (one hourly `GROUP BY` over the source, then cutting): {phases['plan_s']:.2f}s. "
              f"Coordinator, target side: counts {phases['target_counts_s']:.2f}s, verify (per-deployment "
-             f"`count(*)` of the source) {phases['verify_s']:.2f}s.", "",
-             "### Ledger (one run, synthetic chunks; transactions as the worker makes them)", "",
+             f"`count(*)` of the source) {phases['verify_s']:.2f}s.", ""]
+    return body
+
+
+def ledger_rows(ledger: dict[str, Any]) -> list[str]:
+    body = ["### Ledger (one run, synthetic chunks; transactions as the worker makes them)", "",
              "| chunks in the run | record the plan s | read all chunks s | claim ms (median / p90) "
              "| heartbeat ms | record outcome ms | claim+beat+record cycles/s by processes | sweeper rules ms "
              "| coordinator reads ms | chunks table B/chunk |",
@@ -339,25 +377,22 @@ def costs_section(args: argparse.Namespace, phases: dict[str, Any], ledger: dict
             + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in m["sweeper_s"].items()) + " | "
             + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in m["coordinator_reads_s"].items())
             + f" | {m['chunks_table_bytes'] / int(size):,.0f} (a done row: {m['done_row_bytes']:,.0f}) |")
-    body += ["", "### Broker (Redis, Celery as the engine configures it)", "",
+    return body
+
+
+def broker_rows(broker: dict[str, Any], dispatch_tasks: int) -> list[str]:
+    body = ["", "### Broker (Redis, Celery as the engine configures it)", "",
              f"- Sending {broker['messages']:,} chunk messages (one `send_task` each, as `start_run` does): "
              f"{broker['send_s']:.2f}s, {broker['messages'] / broker['send_s']:,.0f} messages/s; "
              f"{broker['message_bytes']:,.0f} bytes of Redis memory per waiting message; "
              f"{broker['send_redis_calls']:.1f} Redis commands and {broker['send_redis_cpu_us']:.0f} µs of Redis CPU "
              "per message (the whole server's counters: other sessions' commands included)."]
     for workers, d in broker["dispatch"].items():
-        body.append(f"- {args.dispatch_tasks:,} tasks whose chunk is already done (delivery, a claim that skips, a "
+        body.append(f"- {dispatch_tasks:,} tasks whose chunk is already done (delivery, a claim that skips, a "
                     f"finalize check, the result stored) through {workers} real worker process(es): {d['seconds']:.1f}s, "
                     f"{d['tasks_per_s']:,.0f} tasks/s; {d['result_bytes_per_task']:,.0f} bytes of Redis per kept "
                     f"result (kept 7 days); {d['redis_calls_per_task']:.0f} Redis commands and "
                     f"{d['redis_cpu_us_per_task']:.0f} µs of Redis CPU per task (whole server).")
-    real = broker["real_run"]
-    body.append(f"- A real fresh run, 2 workers ({real['chunks']} chunks, {real['seconds']:.1f}s, worker start-up "
-                f"and shutdown included): {real['calls_per_chunk']:.0f} Redis commands and "
-                f"{real['cpu_ms_per_chunk']:.1f} ms of Redis CPU per chunk (whole server). Most connections held at "
-                f"once by the 2 workers and the producer: PostgreSQL "
-                + ", ".join(f"{k} {v}" for k, v in sorted(real["pg_connections"].items()))
-                + f"; Redis {real['redis_connections']} (on the broker's DB, this sampler's own excluded).")
     return body
 
 
