@@ -236,6 +236,7 @@ def ratios(rows: int, results: dict[str, list[dict[str, Any]]]) -> dict[str, flo
                                             zip(results["rerun"], results["shuttle-2"])]}
 
 
+HEADER_TITLE = "# `modmon` benchmark results"
 MODMON_SECTIONS = ("throughput", "memory", "profile", "notes")  # "notes": hand-written, kept as is
 
 
@@ -254,7 +255,9 @@ def write_section(path: Path, name: str, body: list[str], data: dict[str, Any]) 
         text = text[:at] + f"\n<!-- section:{name} -->\n{block}<!-- /section:{name} -->\n" + text[at:]
     sections = dict(re.findall(r"<!-- section:(\w+) -->\n(.*?)<!-- /section:\1 -->\n", text, re.S))
     first = text.find("\n<!-- section:")
-    path.write_text(render_header(sections) + (text[first:] if first >= 0 else ""))
+    # The header is the text before the first section, when the file is this benchmark's; else it goes on top.
+    rest = text[first:] if text.startswith(HEADER_TITLE) and first >= 0 else "\n" + text
+    path.write_text(render_header(sections) + rest)
     log(f"wrote {path}")
 
 
@@ -265,7 +268,7 @@ def section_data(sections: dict[str, str], name: str) -> dict[str, Any] | None:
 
 def render_header(sections: dict[str, str]) -> str:
     info = machine()
-    lines = ["# `modmon` benchmark results", "",
+    lines = [HEADER_TITLE, "",
              "Written by `ops/bench/bench_modmon.py` (see README.md beside it); each section below says when",
              "and with which command it was measured.", "",
              "## Machine", "",
