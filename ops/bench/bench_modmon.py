@@ -236,16 +236,28 @@ def ratios(rows: int, results: dict[str, list[dict[str, Any]]]) -> dict[str, flo
                                             zip(results["rerun"], results["shuttle-2"])]}
 
 
+HEADER_TITLE = "# `modmon` benchmark results"
+MODMON_SECTIONS = ("throughput", "memory", "profile", "notes")  # "notes": hand-written, kept as is
+
+
 def write_section(path: Path, name: str, body: list[str], data: dict[str, Any]) -> None:
+    """Replace one of this benchmark's sections (or add it after the others) and re-render the header.
+
+    Everything else in the file (other benchmarks' sections and notes) is kept where it is."""
     text = path.read_text() if path.exists() else ""
+    block = "\n".join(body) + f"\n\n<!-- data: {json.dumps(data)} -->\n"
+    pattern = re.compile(rf"(<!-- section:{name} -->\n).*?(<!-- /section:{name} -->\n)", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda m: m.group(1) + block + m.group(2), text)
+    else:
+        ends = [m.end() for key in MODMON_SECTIONS for m in re.finditer(rf"<!-- /section:{key} -->\n", text)]
+        at = max(ends, default=len(text))
+        text = text[:at] + f"\n<!-- section:{name} -->\n{block}<!-- /section:{name} -->\n" + text[at:]
     sections = dict(re.findall(r"<!-- section:(\w+) -->\n(.*?)<!-- /section:\1 -->\n", text, re.S))
-    sections[name] = "\n".join(body) + f"\n\n<!-- data: {json.dumps(data)} -->\n"
-    header = render_header(sections)
-    out = header
-    for key in ("throughput", "memory", "profile", "notes"):  # "notes": hand-written, kept as is
-        if key in sections:
-            out += f"\n<!-- section:{key} -->\n{sections[key]}<!-- /section:{key} -->\n"
-    path.write_text(out)
+    first = text.find("\n<!-- section:")
+    # The header is the text before the first section, when the file is this benchmark's; else it goes on top.
+    rest = text[first:] if text.startswith(HEADER_TITLE) and first >= 0 else "\n" + text
+    path.write_text(render_header(sections) + rest)
     log(f"wrote {path}")
 
 
@@ -256,7 +268,7 @@ def section_data(sections: dict[str, str], name: str) -> dict[str, Any] | None:
 
 def render_header(sections: dict[str, str]) -> str:
     info = machine()
-    lines = ["# `modmon` benchmark results", "",
+    lines = [HEADER_TITLE, "",
              "Written by `ops/bench/bench_modmon.py` (see README.md beside it); each section below says when",
              "and with which command it was measured.", "",
              "## Machine", "",
