@@ -250,14 +250,15 @@ class UserdataSplit(Migration):
         """The runbook's check: source documents with a non-empty history = configurations with
         `total_transformations > 0` (fewer by at most the rejects, whose configurations were not written).
 
-        The source side is one `$group` over the collection (a `$match` on the history's first element is
-        answered wrongly by some servers); the target side a `$match` on a number, then a `$group`."""
+        Both sides are a `$match` a server answers from the documents' fields, then a `$group`: the source's
+        `{"transformation_history.0": {"$exists": true}}` (a first element exists: a non-empty history; a history
+        that is not an array is a reject), the target's `total_transformations > 0`. Computing "is a non-empty
+        array" inside the `$group` (`$isArray`, `$size`) made a server evaluate an expression per document, which
+        some do in an interpreter: on the test server it cost more than the split itself (ops/bench/RESULTS.md)."""
         wanted = set(partitions)
-        has_history = {"$cond": [{"$and": [{"$isArray": "$transformation_history"},
-                                           {"$gt": [{"$size": {"$ifNull": ["$transformation_history", []]}}, 0]}]},
-                                 1, 0]}
         with self.source.errors():
-            groups = self.source.collection.aggregate([{"$group": {"_id": "$user_id", "n": {"$sum": has_history}}}])
+            groups = self.source.collection.aggregate([{"$match": {"transformation_history.0": {"$exists": True}}},
+                                                       {"$group": {"_id": "$user_id", "n": {"$sum": 1}}}])
             src = sum(int(g["n"]) for g in groups if g["_id"] in wanted)
         with translate_errors(f"target {self.sink.public_url}"):
             groups = self.sink.db[CONFIGS].aggregate([{"$match": {"total_transformations": {"$gt": 0}}},
