@@ -14,17 +14,23 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.ledger import Progress, RunRecord
-from common.migrations import all_migrations
+from common.migrations import BUILTIN_PACKAGE, catalogue
 from common.migrations.base import Check
 from producer.planner import Plan
 
 VERDICT_STYLE = {"clean": "bold green", "failed": "bold red", "cancelled": "yellow", "running": "cyan"}
 
 
-def migrations_data() -> list[dict[str, str]]:
-    """The catalogue as `shuttle migrations --json` prints it."""
-    return [{"name": m.name, "source": m.source_kind, "target": m.target_kind, "partition_by": m.partition_label,
-             "status": m.status, "summary": m.summary} for m in all_migrations()]
+def migrations_data() -> list[dict[str, str | None]]:
+    """The catalogue as `shuttle migrations --json` prints it; a plugin that cannot be used has its
+    `problem` and no kinds."""
+    rows: list[dict[str, str | None]] = []
+    for entry in catalogue():
+        m = entry.cls
+        rows.append({"name": entry.name, "source": m.source_kind if m else None, "target": m.target_kind if m else None,
+                     "partition_by": m.partition_label if m else None, "status": m.status if m else "broken",
+                     "summary": m.summary if m else None, "package": entry.package, "problem": entry.problem})
+    return rows
 
 
 def show_migrations(console: Console) -> None:
@@ -38,9 +44,19 @@ def show_migrations(console: Console) -> None:
         table.add_column("partition by")
         table.add_column("status")
     table.add_column("what it does", ratio=1)
+    # Where a migration comes from matters once plugins are installed; without any, it would only
+    # take width from the summaries on a narrow terminal.
+    with_package = wide or any(m["package"] != BUILTIN_PACKAGE for m in names)
+    if with_package:
+        table.add_column("package")
     for m in names:
+        package = [escape(m["package"] or "")] if with_package else []
+        if m["problem"]:
+            extra = ["", "[red]broken[/]"] if wide else []
+            table.add_row(m["name"], "—", *extra, f"[red]{escape(m['problem'])}[/]", *package)
+            continue
         extra = [m["partition_by"], m["status"]] if wide else []
-        table.add_row(m["name"], f"{m['source']} → {m['target']}", *extra, m["summary"])
+        table.add_row(m["name"], f"{m['source']} → {m['target']}", *extra, m["summary"], *package)
     console.print(table)
 
 
