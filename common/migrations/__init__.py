@@ -67,5 +67,5 @@ def all_migrations() -> list[type[Migration]]:
     return [entry.cls for entry in catalogue() if entry.cls is not None]
 
 
-__all__ = ["BUILTIN_PACKAGE", "CATALOGUE", "CatalogueEntry", "Migration", "Selection", "all_migrations", "catalogue",
+__all__ = ["BUILTIN_PACKAGE", "CATALOGUE", "CatalogueEntry", "Migration", "Selection", "all_migrations", "catalogue", "installed_plugins",
            "migration_class"]

@@ -194,6 +194,7 @@ def shuttle_run(settings: Settings, ledger: Ledger, toml: Path, workers: int, ch
         with db(url(PLACES.target)) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {SHUTTLE_TABLE}")
             conn.execute("CHECKPOINT")
+    log_dir.mkdir(parents=True, exist_ok=True)
     with LocalWorkers(settings, workers, name=f"declbench{workers}", log_dir=log_dir):
         started = time.monotonic()
         run = commands.start_run(settings, str(toml), Selection(), chunk_rows, None,
@@ -222,7 +223,8 @@ def pgloader_run(command_file: Path, heap_mb: int | None, timeout: float) -> dic
     argv = ["pgloader", *(["--dynamic-space-size", str(heap_mb)] if heap_mb else []), str(command_file)]
     started = time.monotonic()
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        # No stdin: a pgloader out of heap drops into SBCL's debugger, which must not wait for input.
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         code, out = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as exc:
         code, out = -1, f"timed out after {timeout:.0f}s\n{exc.stdout or ''}{exc.stderr or ''}"
@@ -489,7 +491,7 @@ def main() -> None:
     probe = None
     if args.probe_pgloader_defaults and "pgloader" in methods:
         log("pgloader with its default settings, once …")
-        probe = pgloader_run(pgloader_file(work, "defaults", None), None, args.timeout)
+        probe = pgloader_run(pgloader_file(work, "defaults", None), None, min(args.timeout, 600))
         log(f"  exit {probe['exit']}, heap exhausted {probe['heap_exhausted']}, {probe['seconds']:.1f}s, "
             f"target rows {probe['target_rows']:,}")
 

@@ -141,12 +141,14 @@ class PredictionScores(Migration):
             parts.append(sql.SQL("id < {}").format(sql.Literal(int(spec.hi))))
         return sql.SQL(" AND ").join(parts)
 
-    def run_chunk(self, spec: ChunkSpec, progress: ProgressCallback) -> ChunkOutcome:
-        query = sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY id").format(
+    def _query(self, spec: ChunkSpec) -> sql.Composable:
+        return sql.SQL("SELECT {} FROM {} WHERE {} ORDER BY id").format(
             sql.SQL(", ").join(map(sql.Identifier, SOURCE_COLUMNS)), self.predictions, self._owned(spec))
+
+    def run_chunk(self, spec: ChunkSpec, progress: ProgressCallback) -> ChunkOutcome:
         outcome = ChunkOutcome()
         rows = []
-        for row in self.source.stream(query, SOURCE_TYPES):
+        for row in self.source.stream(self._query(spec), SOURCE_TYPES):
             outcome.rows_read += 1
             try:
                 rows.append(transform(row))
