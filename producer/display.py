@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.ledger import Progress, RunRecord
-from common.migrations import all_migrations
+from common.migrations import BUILTIN_PACKAGE, catalogue
 from common.migrations.base import Check
 from common.run_controls import RunControls
 from producer.planner import Plan
@@ -23,23 +23,26 @@ from producer.planner import Plan
 VERDICT_STYLE = {"clean": "bold green", "failed": "bold red", "cancelled": "yellow", "running": "cyan"}
 
 
-def migrations_data(migrations_dir: Path | None = None) -> list[dict[str, str]]:
-    """The catalogue as `shuttle migrations --json` prints it: the built-ins, then the files of the
-    migrations folder (a file that cannot be used is listed with its error as status and summary)."""
+def migrations_data(migrations_dir: Path | None = None) -> list[dict[str, str | None]]:
+    """The catalogue as `shuttle migrations --json` prints it: the built-ins, the installed plugins
+    (`package` names the distribution), then the files of the migrations folder (`file`). One that cannot
+    be used has its `problem` (and status "broken" or "invalid")."""
     from common.declarative.catalogue import scan
 
-    listed = [{"name": m.name, "source": m.source_kind, "target": m.target_kind, "partition_by": m.partition_label,
-               "status": m.status, "summary": m.summary} for m in all_migrations()]
+    rows: list[dict[str, str | None]] = []
+    for entry in catalogue():
+        m = entry.cls
+        rows.append({"name": entry.name, "source": m.source_kind if m else None, "target": m.target_kind if m else None,
+                     "partition_by": m.partition_label if m else None, "status": m.status if m else "broken",
+                     "summary": m.summary if m else None, "package": entry.package, "problem": entry.problem})
     for item in scan(migrations_dir):
-        if item.spec is not None:
-            spec = item.spec
-            listed.append({"name": spec.name, "source": spec.source.kind, "target": spec.target.kind,
-                           "partition_by": spec.source.partition or "(none)", "status": "declared",
-                           "summary": spec.summary, "file": str(item.path)})
-        else:
-            listed.append({"name": item.path.name, "source": "?", "target": "?", "partition_by": "",
-                           "status": "invalid", "summary": item.error or "", "file": str(item.path)})
-    return listed
+        spec = item.spec
+        rows.append({"name": spec.name if spec else item.path.name, "source": spec.source.kind if spec else None,
+                     "target": spec.target.kind if spec else None,
+                     "partition_by": (spec.source.partition or "(none)") if spec else None,
+                     "status": "declared" if spec else "invalid", "summary": spec.summary if spec else item.error,
+                     "package": f"file {item.path.name}", "file": str(item.path), "problem": item.error})
+    return rows
 
 
 def show_migrations(console: Console, migrations_dir: Path | None = None) -> None:
@@ -53,11 +56,20 @@ def show_migrations(console: Console, migrations_dir: Path | None = None) -> Non
         table.add_column("partition by")
         table.add_column("status")
     table.add_column("what it does", ratio=1)
+    # Where a migration comes from matters once plugins are installed; without any, it would only
+    # take width from the summaries on a narrow terminal.
+    with_package = wide or any(m["package"] != BUILTIN_PACKAGE for m in names)
+    if with_package:
+        table.add_column("package")
     for m in names:
+        package = [escape(m["package"] or "")] if with_package else []
+        if m["problem"]:  # a broken plugin or an invalid file: its error, whose `[source]` is not markup
+            extra = ["", f"[red]{m['status']}[/]"] if wide else []
+            problem = m["problem"] if wide else f"{m['status']}: {m['problem']}"
+            table.add_row(escape(m["name"]), "—", *extra, f"[red]{escape(problem)}[/]", *package)
+            continue
         extra = [m["partition_by"], m["status"]] if wide else []
-        # A file's error quotes its sections (`[source]`), which are not markup.
-        summary = escape(m["summary"] if wide or m["status"] != "invalid" else f"invalid: {m['summary']}")
-        table.add_row(escape(m["name"]), f"{m['source']} → {m['target']}", *extra, summary)
+        table.add_row(escape(m["name"]), f"{m['source']} → {m['target']}", *extra, escape(m["summary"] or ""), *package)
     console.print(table)
 
 

@@ -16,7 +16,7 @@ from common.declarative.loader import load_spec
 from common.declarative.migration import DeclaredMigration, declared_class
 from common.declarative.spec import MigrationSpec
 from common.errors import ConfigError
-from common.migrations import CATALOGUE, Migration, migration_class
+from common.migrations import CATALOGUE, Migration, installed_plugins, migration_class
 
 
 @dataclass(frozen=True)
@@ -65,18 +65,15 @@ def migration_for(name: str, directory: Path | None) -> type[Migration]:
         if spec.name in CATALOGUE:
             raise ConfigError(f"{name}: name {spec.name!r} is a built-in migration's; choose another [migration] name")
         return declared_class(spec)
-    try:
-        return migration_class(name)  # the catalogue first (and whatever else it resolves names from)
-    except ConfigError as unknown:
-        found = scan(directory)
-        for item in found:
-            if item.spec is not None and item.spec.name == name:
-                return declared_class(item.spec)
-        if directory is None:
-            raise ConfigError(f"{unknown}, or give the path of a migration file (.toml)") from None
-        declared = [i.spec.name for i in found if i.spec is not None]
-        raise ConfigError(f"unknown migration '{name}'; available: {', '.join(sorted([*CATALOGUE, *declared]))} "
-                          "(see `shuttle migrations`), or give the path of a migration file (.toml)") from None
+    if name in CATALOGUE or name in installed_plugins():
+        return migration_class(name)  # a plugin's problem (import error, clash) is raised from here
+    for item in scan(directory):
+        if item.spec is not None and item.spec.name == name:
+            return declared_class(item.spec)
+    declared = [i.spec.name for i in scan(directory) if i.spec is not None]
+    plugged = [n for n, p in installed_plugins().items() if p.problem is None]
+    raise ConfigError(f"unknown migration '{name}'; available: {', '.join(sorted([*CATALOGUE, *plugged, *declared]))} "
+                      "(see `shuttle migrations`), or give the path of a migration file (.toml)")
 
 
 def migration_of_options(name: str, options: dict[str, Any]) -> type[Migration]:

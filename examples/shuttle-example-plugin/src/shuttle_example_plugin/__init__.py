@@ -1,0 +1,1 @@
+"""An example Shuttle plugin; the migration is in `scores`."""
