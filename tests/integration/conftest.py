@@ -7,6 +7,7 @@ import os
 import pymongo
 import pytest
 
+from common.ledger import Ledger
 from tests.mongo_server import REAL_MONGO_URI, NxServer
 
 
@@ -30,3 +31,12 @@ def mongo_db_name(mongo_uri, request):
     yield name
     with pymongo.MongoClient(mongo_uri) as client:
         client.drop_database(name)
+
+
+@pytest.fixture
+def ledger(fresh_db):
+    """A ledger with its schema in a database of this test's own."""
+    ledger = Ledger(fresh_db)
+    ledger.ensure_schema()
+    yield ledger
+    ledger.dispose()

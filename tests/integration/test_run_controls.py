@@ -24,14 +24,6 @@ REDIS_URL = f"{REDIS_BASE}/11"
 
 
 @pytest.fixture
-def ledger(fresh_db):
-    ledger = Ledger(fresh_db)
-    ledger.ensure_schema()
-    yield ledger
-    ledger.dispose()
-
-
-@pytest.fixture
 def run_id():
     """A run id of this test's own, so its bucket key meets no other test's; the key is removed after."""
     run_id = f"throttle-test-{uuid.uuid4().hex[:8]}"

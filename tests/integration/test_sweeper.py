@@ -46,14 +46,6 @@ class ScriptedBroker:
 
 
 @pytest.fixture
-def ledger(fresh_db):
-    ledger = Ledger(fresh_db)
-    ledger.ensure_schema()
-    yield ledger
-    ledger.dispose()
-
-
-@pytest.fixture
 def broker() -> ScriptedBroker:
     return ScriptedBroker()
 
