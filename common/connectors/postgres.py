@@ -89,6 +89,22 @@ def create_database(url: str) -> bool:
         raise ServiceUnavailable(f"PostgreSQL at {mask(url)} is unreachable: {_first_line(exc)}") from None
 
 
+def _apply_stage(cur: psycopg.Cursor, table: TableSpec, stage: sql.Composable, staged: int,
+                 rewrite_when: Sequence[str] | None, owned: sql.Composable | None) -> WriteCounts:
+    """The guarded upsert of `staged` rows from the staging table into `table`; with `owned`, then one
+    set-based DELETE of the owned rows whose key is not among them (an anti-join against the stage)."""
+    cur.execute(sql.SQL(
+        "WITH written AS ({})"
+        " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"
+    ).format(_upsert_sql(table, stage, rewrite_when)))
+    inserted, updated = cur.fetchone()
+    deleted = 0
+    if owned is not None:
+        cur.execute(_delete_stale_sql(table, stage, owned))
+        deleted = cur.rowcount
+    return WriteCounts(inserted=inserted, updated=updated, unchanged=staged - inserted - updated, deleted=deleted)
+
+
 def same_database(a: str, b: str) -> bool:
     """Whether two URLs name the same database on the same server (so one statement can read and write)."""
     def where(url: str) -> tuple[str, str, str]:
@@ -255,17 +271,8 @@ class Sink(_Connected, BaseSink):
                     if pending:
                         copy.write(pending)
                 rows = cur.rowcount
-                cur.execute(sql.SQL(
-                    "WITH written AS ({})"
-                    " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"
-                ).format(_upsert_sql(table, stage, None)))
-                inserted, updated = cur.fetchone()
-                deleted = 0
-                if owned is not None:
-                    cur.execute(_delete_stale_sql(table, stage, owned))
-                    deleted = cur.rowcount
-        return WriteCounts(inserted=inserted, updated=updated, unchanged=rows - inserted - updated,
-                           deleted=deleted), rows
+                counts = _apply_stage(cur, table, stage, rows, None, owned)
+        return counts, rows
 
     @staticmethod
     def _stage_table(cur: psycopg.Cursor, table: TableSpec) -> sql.Composable:
@@ -353,17 +360,7 @@ class Sink(_Connected, BaseSink):
             cur.execute(sql.SQL("DELETE FROM {} AS t WHERE {}").format(identifier(table.name), owned))
             return WriteCounts(deleted=cur.rowcount)
         stage = cls._stage(cur, table, rows)
-        cur.execute(sql.SQL(
-            "WITH written AS ({})"
-            " SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM written"
-        ).format(_upsert_sql(table, stage, rewrite_when)))
-        inserted, updated = cur.fetchone()
-        deleted = 0
-        if owned is not None:
-            cur.execute(_delete_stale_sql(table, stage, owned))
-            deleted = cur.rowcount
-        return WriteCounts(inserted=inserted, updated=updated, unchanged=len(rows) - inserted - updated,
-                           deleted=deleted)
+        return _apply_stage(cur, table, stage, len(rows), rewrite_when, owned)
 
     def ensure_table(self, table: TableSpec) -> None:
         """Create the table if missing; refuse a same-named table whose columns differ."""
